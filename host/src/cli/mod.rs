@@ -1,0 +1,59 @@
+//! Command-line interface: parses arguments, calls the library, prints, and picks exit codes.
+
+mod local;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when a handler or remote call failed (the error JSON is printed on stderr).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for usage errors, unreadable or invalid modules, bad config.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "warren",
+    version,
+    about = "Serve RPC over RabbitMQ with WebAssembly handlers (oslo.messaging / nova.rpc wire format)",
+    long_about = "Warren serves RPC over RabbitMQ (AMQP 0-9-1) in the wire format of OpenStack's \
+nova.rpc and oslo.messaging. Each handler is a WebAssembly module: every exported function is an \
+RPC method, invoked by name with JSON args in a fresh sandbox with time and memory limits.\n\n\
+Start with `warren invoke` to run a handler locally, without a broker.",
+    after_help = "Examples:\n  warren inspect plugins/out/echo.wasm\n  warren invoke plugins/out/echo.wasm echo '{\"value\": 42}'"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Invoke(local::InvokeArgs),
+    Inspect(local::InspectArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Invoke(args) => local::invoke(args),
+        Command::Inspect(args) => local::inspect(args),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Print an error for the operator and return the usage exit code.
+pub fn usage_error(err: anyhow::Error) -> ExitCode {
+    eprintln!("error: {err:#}");
+    ExitCode::from(EXIT_USAGE)
+}

@@ -1,0 +1,7 @@
+//! Warren: RPC over RabbitMQ in the nova.rpc / oslo.messaging wire format, served by
+//! WebAssembly handlers.
+//!
+//! Layout (see ARCHITECTURE.md for the full code map and the invariants):
+//! - [`runtime`]: wasmtime engine, module loading, guest ABI v1, one sandbox per invocation.
+
+pub mod runtime;

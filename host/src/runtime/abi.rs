@@ -1,0 +1,221 @@
+//! Host side of guest ABI v1 (`guest-sdk/ABI.md`): the `warren_v1` imports and the per-invocation
+//! state they read and write.
+
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use super::error::{Failure, class};
+
+/// The import module name. A future ABI gets a new name, so old modules never link against it.
+pub const IMPORT_MODULE: &str = "warren_v1";
+/// The marker export and the value it must return.
+pub const ABI_MARKER: &str = "warren_abi_version";
+/// The ABI version this host speaks.
+pub const ABI_VERSION: i32 = 1;
+
+/// Guest log lines kept per invocation; the rest are counted and reported once. Bounds what one
+/// chatty or hostile guest can push into the operator's log.
+const MAX_LOG_LINES: usize = 256;
+const MAX_LOG_LINE_BYTES: usize = 4096;
+
+/// Everything one invocation owns. It lives in the `Store`, so it dies with it.
+pub(crate) struct State {
+    pub wasi: WasiP1Ctx,
+    pub limiter: Limiter,
+    pub input: Vec<u8>,
+    pub context: Arc<[u8]>,
+    pub outputs: Vec<Box<RawValue>>,
+    pub output_bytes: usize,
+    pub max_output_bytes: usize,
+    pub error: Option<Vec<u8>>,
+    /// Set by an import just before it traps, so the trap is reported as this failure.
+    pub host_failure: Option<Failure>,
+    pub handler: Arc<str>,
+    pub log_lines: usize,
+    pub logs_dropped: usize,
+}
+
+/// Caps linear memory and tables, and remembers that the cap was hit so the resulting trap is
+/// reported as `MemoryLimitExceeded` rather than a generic trap.
+pub(crate) struct Limiter {
+    pub memory_bytes: usize,
+    pub table_elements: usize,
+    pub hit: Option<String>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            let msg = format!(
+                "linear memory tried to grow from {current} to {desired} bytes, over the cap of {} bytes",
+                self.memory_bytes
+            );
+            self.hit = Some(msg.clone());
+            // An error (not `Ok(false)`) traps at once: a guest allocator that sees a failed
+            // grow would otherwise abort with a message that hides the cause.
+            return Err(wasmtime::Error::msg(msg));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            let msg = format!(
+                "table tried to grow from {current} to {desired} elements, over the cap of {}",
+                self.table_elements
+            );
+            self.hit = Some(msg.clone());
+            return Err(wasmtime::Error::msg(msg));
+        }
+        Ok(true)
+    }
+}
+
+fn memory(caller: &mut Caller<'_, State>) -> wasmtime::Result<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(memory)) => Ok(memory),
+        _ => Err(wasmtime::Error::msg("guest does not export `memory`")),
+    }
+}
+
+/// Bounds-checked `[ptr, ptr + len)` of guest memory; wasm pointers are unsigned.
+fn range(ptr: i32, len: usize, mem_len: usize) -> wasmtime::Result<std::ops::Range<usize>> {
+    let start = ptr as u32 as usize;
+    match start.checked_add(len) {
+        Some(end) if end <= mem_len => Ok(start..end),
+        _ => Err(wasmtime::Error::msg(format!(
+            "guest passed an out-of-bounds range: {len} bytes at {start} (memory is {mem_len} bytes)"
+        ))),
+    }
+}
+
+fn copy_in(
+    caller: &mut Caller<'_, State>,
+    dst: i32,
+    which: fn(&State) -> &[u8],
+) -> wasmtime::Result<()> {
+    let memory = memory(caller)?;
+    let (mem, state) = memory.data_and_store_mut(caller);
+    let src = which(state);
+    let range = range(dst, src.len(), mem.len())?;
+    mem[range].copy_from_slice(src);
+    Ok(())
+}
+
+fn read_out(
+    caller: &mut Caller<'_, State>,
+    src: i32,
+    len: i32,
+) -> wasmtime::Result<(Memory, std::ops::Range<usize>)> {
+    let memory = memory(caller)?;
+    let range = range(src, len as u32 as usize, memory.data_size(&*caller))?;
+    Ok((memory, range))
+}
+
+fn fail(state: &mut State, failure: Failure) -> wasmtime::Error {
+    let err = wasmtime::Error::msg(failure.message.clone());
+    state.host_failure = Some(failure);
+    err
+}
+
+/// Register the `warren_v1` imports on `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.func_wrap(IMPORT_MODULE, "input_len", |caller: Caller<'_, State>| {
+        caller.data().input.len() as i32
+    })?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "input_read",
+        |mut caller: Caller<'_, State>, dst: i32| copy_in(&mut caller, dst, |s| &s.input),
+    )?;
+    linker.func_wrap(IMPORT_MODULE, "context_len", |caller: Caller<'_, State>| {
+        caller.data().context.len() as i32
+    })?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "context_read",
+        |mut caller: Caller<'_, State>, dst: i32| copy_in(&mut caller, dst, |s| &s.context),
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "output_write",
+        |mut caller: Caller<'_, State>, src: i32, len: i32| -> wasmtime::Result<()> {
+            let (memory, range) = read_out(&mut caller, src, len)?;
+            let (mem, state) = memory.data_and_store_mut(&mut caller);
+            let bytes = &mem[range];
+            state.output_bytes += bytes.len();
+            if state.output_bytes > state.max_output_bytes {
+                let msg = format!("results exceed the cap of {} bytes", state.max_output_bytes);
+                return Err(fail(state, Failure::new(class::RESULT_TOO_LARGE, msg)));
+            }
+            match serde_json::from_slice::<Box<RawValue>>(bytes) {
+                Ok(value) => {
+                    state.outputs.push(value);
+                    Ok(())
+                }
+                Err(e) => {
+                    let msg = format!("result #{} is not valid JSON: {e}", state.outputs.len() + 1);
+                    Err(fail(state, Failure::new(class::INVALID_RESULT, msg)))
+                }
+            }
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "error_write",
+        |mut caller: Caller<'_, State>, src: i32, len: i32| -> wasmtime::Result<()> {
+            let (memory, range) = read_out(&mut caller, src, len)?;
+            // Bounded like results: an error is a result too.
+            let (mem, state) = memory.data_and_store_mut(&mut caller);
+            if range.len() > state.max_output_bytes {
+                let msg = format!("error exceeds the cap of {} bytes", state.max_output_bytes);
+                return Err(fail(state, Failure::new(class::RESULT_TOO_LARGE, msg)));
+            }
+            state.error = Some(mem[range].to_vec());
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "log",
+        |mut caller: Caller<'_, State>, level: i32, src: i32, len: i32| -> wasmtime::Result<()> {
+            let (memory, range) = read_out(&mut caller, src, len)?;
+            let (mem, state) = memory.data_and_store_mut(&mut caller);
+            if state.log_lines >= MAX_LOG_LINES {
+                state.logs_dropped += 1;
+                return Ok(());
+            }
+            state.log_lines += 1;
+            let bytes = &mem[range];
+            let line = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LOG_LINE_BYTES)]);
+            guest_log(level, &state.handler, &line);
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// Emit a guest's log line as a tracing event in the current span (the invocation's), with
+/// target `warren::guest` so operators can filter guest output apart from the daemon's.
+pub(crate) fn guest_log(level: i32, handler: &str, line: &str) {
+    match level {
+        0 => tracing::trace!(target: "warren::guest", handler, "{line}"),
+        1 => tracing::debug!(target: "warren::guest", handler, "{line}"),
+        3 => tracing::warn!(target: "warren::guest", handler, "{line}"),
+        4 => tracing::error!(target: "warren::guest", handler, "{line}"),
+        _ => tracing::info!(target: "warren::guest", handler, "{line}"),
+    }
+}

@@ -1,0 +1,117 @@
+//! The process-wide `Engine` and the epoch ticker that bounds every invocation's wall time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances. Deadlines are whole ticks, so this is the timeout's resolution;
+/// a fraction of the shortest sensible timeout keeps it precise without waking too often.
+pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Engine-wide settings, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Largest linear memory any handler may have; the pooling allocator sizes its slots to it.
+    pub max_memory_bytes: usize,
+    /// How many instances may be alive at once (pool slots). Invocations beyond it are refused
+    /// by the pool, so the daemon bounds concurrency below this.
+    pub max_instances: u32,
+}
+
+impl EngineSettings {
+    /// Settings for a process that runs a few invocations at a time (the CLI, tests).
+    pub fn small() -> Self {
+        Self {
+            max_memory_bytes: 64 << 20,
+            max_instances: 64,
+        }
+    }
+}
+
+/// Which instance allocator the engine ended up with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    /// Pre-reserved slots with copy-on-write memory images: instantiation in microseconds.
+    Pooling,
+    /// mmap per instance; used where the pool's virtual-memory reservation is refused.
+    OnDemand,
+}
+
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    // Handlers are independent and short-lived; parallel compilation only helps start-up.
+    config.parallel_compilation(true);
+    config.memory_init_cow(true);
+    config
+}
+
+/// Build the engine, preferring the pooling allocator and falling back to on-demand allocation
+/// when the pool cannot be reserved (small `ulimit -v`, some containers), as Spin does.
+pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Allocator)> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_memories(settings.max_instances)
+        .total_tables(settings.max_instances)
+        .total_core_instances(settings.max_instances)
+        .max_memory_size(settings.max_memory_bytes)
+        // Keeping a little of each slot resident saves an madvise + page fault per call.
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
+    let mut config = base_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    match Engine::new(&config) {
+        Ok(engine) => Ok((engine, Allocator::Pooling)),
+        Err(err) => {
+            tracing::warn!(error = %err, "pooling allocator unavailable, using on-demand allocation");
+            let engine = Engine::new(&base_config())
+                .map_err(|e| anyhow::anyhow!("cannot create wasm engine: {e}"))?;
+            Ok((engine, Allocator::OnDemand))
+        }
+    }
+}
+
+/// Advances the engine's epoch from a dedicated OS thread. A tokio task would share a worker
+/// with the guests it is meant to stop and could be starved by one of them (wado PR #1146).
+pub struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    /// Start ticking `engine` every [`EPOCH_TICK`].
+    pub fn start(engine: Engine) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("warren-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Epoch ticks for a deadline `timeout` from now, rounded up, plus one because the current tick
+/// may be about to end.
+pub fn deadline_ticks(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
+}

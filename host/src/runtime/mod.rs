@@ -1,0 +1,499 @@
+//! The Wasm handler runtime: one `Engine`, modules compiled once and pre-linked, and a fresh
+//! `Store` + instance for every invocation.
+//!
+//! Invariant: a `Store` never outlives one invocation. Nothing a guest does in one call (globals,
+//! memory, a trap) can be seen by the next; a trapped instance is simply dropped.
+//!
+//! [`Runtime::invoke`] is synchronous and CPU-bound: callers on an async runtime run it on a
+//! blocking thread. Its wall time is bounded by epoch interruption driven from a dedicated OS
+//! thread ([`engine::EpochTicker`]), so a guest spinning forever cannot stall anything else.
+
+mod abi;
+pub mod engine;
+pub mod error;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use wasmtime::{Engine, Extern, InstancePre, Linker, ModuleExport, Store, Trap};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+pub use abi::{ABI_VERSION, IMPORT_MODULE};
+use abi::{Limiter, State};
+pub use engine::{Allocator, EngineSettings};
+pub use error::{Failure, LoadError, class};
+
+/// Per-handler sandbox limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock limit of one invocation, `_initialize` included.
+    pub timeout: Duration,
+    /// Cap on linear memory, in bytes.
+    pub memory_bytes: usize,
+    /// Cap on table elements.
+    pub table_elements: usize,
+    /// Cap on the total size of one invocation's results (and of its error).
+    pub max_result_bytes: usize,
+    /// Bytes of guest stdout and of stderr kept per invocation.
+    pub max_stdio_bytes: usize,
+}
+
+impl Limits {
+    /// Defaults used when a handler's config says nothing.
+    pub const DEFAULT: Limits = Limits {
+        timeout: Duration::from_secs(5),
+        memory_bytes: 64 << 20,
+        table_elements: 100_000,
+        max_result_bytes: 1 << 20,
+        max_stdio_bytes: 64 << 10,
+    };
+}
+
+/// A compiled, pre-linked module version. Cheap to clone; in-flight invocations keep the version
+/// they started with alive, which is what lets hot reload swap without draining.
+#[derive(Clone)]
+pub struct Module {
+    inner: Arc<ModuleInner>,
+}
+
+struct ModuleInner {
+    name: Arc<str>,
+    pre: InstancePre<State>,
+    methods: BTreeMap<String, ModuleExport>,
+    initialize: Option<ModuleExport>,
+    sha256: [u8; 32],
+}
+
+impl Module {
+    /// The handler name this module was loaded under (used in logs).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Callable method names, sorted.
+    pub fn methods(&self) -> impl Iterator<Item = &str> {
+        self.inner.methods.keys().map(String::as_str)
+    }
+
+    /// Whether `method` is a callable method of this module.
+    pub fn has_method(&self, method: &str) -> bool {
+        self.inner.methods.contains_key(method)
+    }
+
+    /// SHA-256 of the bytes this module was loaded from.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.inner.sha256
+    }
+
+    /// Lowercase hex of the first bytes of the hash, for logs and status.
+    pub fn hash_prefix(&self) -> String {
+        self.inner.sha256[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Whether an export name may be called as an RPC method (ABI.md, "Which exports are methods").
+pub fn is_reserved_name(name: &str) -> bool {
+    name.starts_with('_')
+        || name.starts_with("warren_")
+        || name.starts_with("cabi_")
+        || name == "memory"
+}
+
+/// Parse caller-supplied args text: it must be a JSON object.
+pub fn parse_args(text: &str) -> Result<Box<RawValue>, Failure> {
+    let value: Box<RawValue> = serde_json::from_str(text)
+        .map_err(|e| Failure::new(class::INVALID_ARGS, format!("args are not valid JSON: {e}")))?;
+    check_args(&value)?;
+    Ok(value)
+}
+
+fn check_args(args: &RawValue) -> Result<(), Failure> {
+    if args.get().trim_start().starts_with('{') {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            class::INVALID_ARGS,
+            "args must be a JSON object",
+        ))
+    }
+}
+
+/// The engine, the linker with the host imports, and the epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<State>,
+    allocator: Allocator,
+    _ticker: engine::EpochTicker,
+}
+
+impl Runtime {
+    /// Build the runtime. Fails only if no engine can be built or the ticker thread cannot start.
+    pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
+        let (engine, allocator) = engine::build_engine(settings)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
+            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
+        let ticker = engine::EpochTicker::start(engine.clone())?;
+        Ok(Self {
+            engine,
+            linker,
+            allocator,
+            _ticker: ticker,
+        })
+    }
+
+    /// Which instance allocator is in use.
+    pub fn allocator(&self) -> Allocator {
+        self.allocator
+    }
+
+    /// The wasmtime engine (for the compiled-module cache, which must key on its compatibility).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compile, pre-link and smoke-test a module: instantiate it once, run `_initialize`, and
+    /// check the ABI marker. Only a module that passes all of it is returned.
+    pub fn load(&self, name: &str, bytes: &[u8], limits: &Limits) -> Result<Module, LoadError> {
+        if wasmparser_is_component(bytes) {
+            return Err(LoadError::Component);
+        }
+        let module = wasmtime::Module::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let sha256: [u8; 32] = Sha256::digest(bytes).into();
+        self.prepare(name, module, sha256, limits)
+    }
+
+    fn prepare(
+        &self,
+        name: &str,
+        module: wasmtime::Module,
+        sha256: [u8; 32],
+        limits: &Limits,
+    ) -> Result<Module, LoadError> {
+        let marker = match module.get_export(abi::ABI_MARKER) {
+            Some(wasmtime::ExternType::Func(ty))
+                if ty.params().len() == 0 && ty.results().len() == 1 =>
+            {
+                module.get_export_index(abi::ABI_MARKER)
+            }
+            _ => None,
+        }
+        .ok_or(LoadError::MissingAbiMarker)?;
+        if !matches!(
+            module.get_export("memory"),
+            Some(wasmtime::ExternType::Memory(_))
+        ) {
+            return Err(LoadError::MissingMemory);
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+        let mut methods = BTreeMap::new();
+        for export in module.exports() {
+            let wasmtime::ExternType::Func(ty) = export.ty() else {
+                continue;
+            };
+            let is_method_type = ty.params().len() == 0
+                && ty.results().len() == 1
+                && matches!(ty.results().next(), Some(wasmtime::ValType::I32));
+            if is_method_type && !is_reserved_name(export.name()) {
+                if let Some(index) = module.get_export_index(export.name()) {
+                    methods.insert(export.name().to_owned(), index);
+                }
+            }
+        }
+        let initialize = module.get_export_index("_initialize");
+        let loaded = Module {
+            inner: Arc::new(ModuleInner {
+                name: name.into(),
+                pre,
+                methods,
+                initialize,
+                sha256,
+            }),
+        };
+        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits);
+        let version = sandbox
+            .start()
+            .and_then(|instance| sandbox.call_i32(&instance, &marker))
+            .map_err(LoadError::Startup)?;
+        if version != abi::ABI_VERSION {
+            return Err(LoadError::AbiVersion {
+                found: version,
+                expected: abi::ABI_VERSION,
+            });
+        }
+        Ok(loaded)
+    }
+
+    /// Run `method` of `module` with `args` (a JSON object) and `context` (JSON object text) in a
+    /// fresh sandbox. Returns the results in order (a single `null` when the guest emitted none).
+    pub fn invoke(
+        &self,
+        module: &Module,
+        method: &str,
+        args: &RawValue,
+        context: Arc<[u8]>,
+        limits: &Limits,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
+        let Some(export) = module.inner.methods.get(method) else {
+            return Err(no_such_method(module, method));
+        };
+        check_args(args)?;
+        let mut sandbox = self.sandbox(module, args.get().as_bytes().to_vec(), context, limits);
+        let instance = sandbox.start()?;
+        let status = sandbox.call_i32(&instance, export)?;
+        sandbox.finish(status)
+    }
+
+    fn sandbox(
+        &self,
+        module: &Module,
+        input: Vec<u8>,
+        context: Arc<[u8]>,
+        limits: &Limits,
+    ) -> Sandbox {
+        let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes);
+        let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes);
+        // Nothing granted: no preopens, env, args or sockets; only the captured stdio.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build_p1();
+        let state = State {
+            wasi,
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                hit: None,
+            },
+            input,
+            context,
+            outputs: Vec::new(),
+            output_bytes: 0,
+            max_output_bytes: limits.max_result_bytes,
+            error: None,
+            host_failure: None,
+            handler: module.inner.name.clone(),
+            log_lines: 0,
+            logs_dropped: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(engine::deadline_ticks(limits.timeout));
+        store.epoch_deadline_trap();
+        Sandbox {
+            store,
+            module: module.clone(),
+            stdout,
+            stderr,
+            timeout: limits.timeout,
+        }
+    }
+}
+
+/// One invocation's store and captured output. Dropped at the end of the invocation.
+struct Sandbox {
+    store: Store<State>,
+    module: Module,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+    timeout: Duration,
+}
+
+impl Sandbox {
+    fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
+        let instance = self
+            .module
+            .inner
+            .pre
+            .instantiate(&mut self.store)
+            .map_err(|e| self.classify(e, "instantiation"))?;
+        if let Some(init) = self.module.inner.initialize.clone() {
+            let func = self.func(&instance, &init)?;
+            match func.typed::<(), ()>(&self.store) {
+                Ok(f) => f
+                    .call(&mut self.store, ())
+                    .map_err(|e| self.classify(e, "_initialize"))?,
+                Err(_) => {
+                    return Err(Failure::new(
+                        class::GUEST_ERROR,
+                        "`_initialize` must have type () -> ()",
+                    ));
+                }
+            }
+        }
+        Ok(instance)
+    }
+
+    fn func(
+        &mut self,
+        instance: &wasmtime::Instance,
+        export: &ModuleExport,
+    ) -> Result<wasmtime::Func, Failure> {
+        match instance.get_module_export(&mut self.store, export) {
+            Some(Extern::Func(f)) => Ok(f),
+            _ => Err(Failure::new(
+                class::INTERNAL,
+                "export vanished from its instance",
+            )),
+        }
+    }
+
+    fn call_i32(
+        &mut self,
+        instance: &wasmtime::Instance,
+        export: &ModuleExport,
+    ) -> Result<i32, Failure> {
+        let func = self.func(instance, export)?;
+        let typed = func
+            .typed::<(), i32>(&self.store)
+            .map_err(|e| Failure::new(class::INTERNAL, format!("{e}")))?;
+        typed
+            .call(&mut self.store, ())
+            .map_err(|e| self.classify(e, "call"))
+    }
+
+    fn finish(mut self, status: i32) -> Result<Vec<Box<RawValue>>, Failure> {
+        self.flush_stdio(None);
+        let state = self.store.data_mut();
+        if state.logs_dropped > 0 {
+            tracing::warn!(handler = %state.handler, dropped = state.logs_dropped, "guest log lines dropped over the per-invocation cap");
+        }
+        if let Some(error) = state.error.take() {
+            return Err(parse_guest_error(&error));
+        }
+        if status != 0 {
+            return Err(Failure::new(
+                class::GUEST_ERROR,
+                format!("method returned status {status} without reporting an error"),
+            ));
+        }
+        let mut outputs = std::mem::take(&mut state.outputs);
+        if outputs.is_empty() {
+            outputs.push(null());
+        }
+        Ok(outputs)
+    }
+
+    /// Turn a wasmtime error into the failure the caller sees. Causes the host recorded itself
+    /// (limits, bad output) win over the trap they produced.
+    fn classify(&mut self, err: wasmtime::Error, during: &str) -> Failure {
+        let stderr = self.flush_stdio(Some(()));
+        let state = self.store.data_mut();
+        if let Some(failure) = state.host_failure.take() {
+            return failure;
+        }
+        if let Some(hit) = state.limiter.hit.take() {
+            return Failure::new(class::MEMORY_LIMIT_EXCEEDED, hit);
+        }
+        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+            return Failure::new(
+                class::TIMEOUT,
+                format!(
+                    "handler exceeded its time limit of {} ms",
+                    self.timeout.as_millis()
+                ),
+            );
+        }
+        if during == "instantiation" && err.downcast_ref::<Trap>().is_none() {
+            // The pool is full (or the OS refused memory): a capacity problem, not the guest's.
+            return Failure::new(
+                class::OVERLOADED,
+                format!("cannot instantiate handler: {err}"),
+            );
+        }
+        let mut message = match err.downcast_ref::<Trap>() {
+            Some(trap) => format!("wasm trap: {trap}"),
+            None => format!("{err}"),
+        };
+        if !stderr.is_empty() {
+            message.push_str("\nstderr:\n");
+            message.push_str(stderr.trim_end());
+        }
+        Failure::new(class::GUEST_TRAP, message)
+    }
+
+    /// Forward captured stdio to the log; return stderr when asked (for trap messages).
+    fn flush_stdio(&mut self, want_stderr: Option<()>) -> String {
+        let handler = self.module.name();
+        let out = self.stdout.contents();
+        if !out.is_empty() {
+            for line in String::from_utf8_lossy(&out).lines() {
+                tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
+            }
+        }
+        let err = self.stderr.contents();
+        let text = String::from_utf8_lossy(&err).into_owned();
+        for line in text.lines() {
+            tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
+        }
+        // Reset so a later flush in the same invocation does not repeat lines.
+        self.stdout = MemoryOutputPipe::new(0);
+        self.stderr = MemoryOutputPipe::new(0);
+        if want_stderr.is_some() {
+            text
+        } else {
+            String::new()
+        }
+    }
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned())
+        .unwrap_or_else(|_| unreachable!("`null` is valid JSON"))
+}
+
+fn no_such_method(module: &Module, method: &str) -> Failure {
+    let shown: String = method.chars().take(100).collect();
+    Failure::new(
+        class::NO_SUCH_METHOD,
+        format!("handler '{}' has no method '{shown}'", module.name()),
+    )
+}
+
+fn parse_guest_error(bytes: &[u8]) -> Failure {
+    #[derive(serde::Deserialize)]
+    struct GuestError {
+        class: String,
+        message: String,
+        #[serde(default)]
+        data: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<GuestError>(bytes) {
+        Ok(e) if !e.class.is_empty() => Failure {
+            class: e.class,
+            message: e.message,
+            data: e.data,
+        },
+        Ok(_) => Failure::new(
+            class::GUEST_ERROR,
+            "guest reported an error with an empty class",
+        ),
+        Err(e) => Failure::new(
+            class::GUEST_ERROR,
+            format!(
+                "guest reported a malformed error ({e}): {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ),
+        ),
+    }
+}
+
+/// Components start with the same magic as modules but a different version/layer field.
+fn wasmparser_is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+}
