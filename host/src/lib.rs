@@ -4,4 +4,11 @@
 //! Layout (see ARCHITECTURE.md for the full code map and the invariants):
 //! - [`runtime`]: wasmtime engine, module loading, guest ABI v1, one sandbox per invocation.
 
+pub mod amqp;
+pub mod client;
+pub mod config;
+pub mod dispatch;
+pub mod registry;
 pub mod runtime;
+pub mod server;
+pub mod wire;

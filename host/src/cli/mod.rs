@@ -1,6 +1,8 @@
 //! Command-line interface: parses arguments, calls the library, prints, and picks exit codes.
 
 mod local;
+mod remote;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,27 +31,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Serve(serve::ServeArgs),
     Invoke(local::InvokeArgs),
     Inspect(local::InspectArgs),
+    Call(remote::CallArgs),
+    Multicall(remote::MulticallArgs),
+    Cast(remote::CastArgs),
+    Fanout(remote::FanoutArgs),
+    Notify(remote::NotifyArgs),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The daemon logs at info; one-shot commands only warn, and lapin's own chatter (returned
+    // messages we already handle, probe channels we close on purpose) stays out of the way.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info,lapin=warn,lapin::returned_messages=off",
+        Command::Invoke(_) | Command::Inspect(_) => "info",
+        _ => "warn,lapin=off",
+    };
+    init_tracing(default_filter);
     match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Invoke(args) => local::invoke(args),
         Command::Inspect(args) => local::inspect(args),
+        Command::Call(args) => remote::call(args, false),
+        Command::Multicall(args) => remote::call(args.call, true),
+        Command::Cast(args) => remote::cast(args),
+        Command::Fanout(args) => remote::fanout(args),
+        Command::Notify(args) => remote::notify(args),
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let filter =
+        EnvFilter::try_from_env("WARREN_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = if std::env::var("WARREN_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Print an error for the operator and return the usage exit code.

@@ -417,12 +417,13 @@ impl Sandbox {
             );
         }
         let mut message = match err.downcast_ref::<Trap>() {
-            Some(trap) => format!("wasm trap: {trap}"),
+            Some(trap) => trap.to_string(),
             None => format!("{err}"),
         };
+        let stderr = stderr.trim();
         if !stderr.is_empty() {
             message.push_str("\nstderr:\n");
-            message.push_str(stderr.trim_end());
+            message.push_str(stderr);
         }
         Failure::new(class::GUEST_TRAP, message)
     }
@@ -438,7 +439,7 @@ impl Sandbox {
         }
         let err = self.stderr.contents();
         let text = String::from_utf8_lossy(&err).into_owned();
-        for line in text.lines() {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
             tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
         }
         // Reset so a later flush in the same invocation does not repeat lines.

@@ -1,0 +1,446 @@
+//! Everything that touches lapin: connections, channels, topology, consumers, and the confirmed
+//! publisher. The rest of the crate sees only the small types defined here.
+//!
+//! Invariant: no other module imports lapin.
+
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use lapin::Confirmation;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
+
+/// How long a publish may wait for the broker's confirm. RabbitMQ advises no less than the
+/// heartbeat timeout; a blocked connection (resource alarm) waits this long, then fails.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What went wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The broker or the connection failed.
+    #[error("{context}: {source}")]
+    Broker {
+        /// What we were doing.
+        context: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// A name longer than AMQP's 255-byte short string.
+    #[error("name too long for AMQP ({0} bytes, at most 255)")]
+    NameTooLong(usize),
+    /// The broker did not confirm in time.
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+fn ctx(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> AmqpError {
+    let context = context.into();
+    move |source| AmqpError::Broker { context, source }
+}
+
+/// A checked AMQP short string. lapin panics on over-long strings, and names can come from
+/// messages, so every name goes through here.
+pub fn short(s: &str) -> Result<ShortString, AmqpError> {
+    ShortString::try_new(s).map_err(|_| AmqpError::NameTooLong(s.len()))
+}
+
+/// One AMQP connection. Cloning shares it.
+#[derive(Clone)]
+pub struct Connection {
+    inner: std::sync::Arc<lapin::Connection>,
+}
+
+impl Connection {
+    /// Connect to `url`; `name` shows in the management UI. `heartbeat` (seconds) is added to
+    /// the URL unless it sets one itself.
+    pub async fn open(url: &str, name: &str, heartbeat: u16) -> Result<Connection, AmqpError> {
+        let url = with_heartbeat(url, heartbeat);
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let inner = lapin::Connection::connect(&url, props)
+            .await
+            .map_err(ctx(format!(
+                "cannot connect to {}",
+                crate::config::redact_url(&url)
+            )))?;
+        Ok(Connection {
+            inner: std::sync::Arc::new(inner),
+        })
+    }
+
+    /// Open a channel.
+    pub async fn channel(&self) -> Result<Channel, AmqpError> {
+        let inner = self
+            .inner
+            .create_channel()
+            .await
+            .map_err(ctx("cannot open channel"))?;
+        Ok(Channel { inner })
+    }
+
+    /// Whether the connection is usable.
+    pub fn is_connected(&self) -> bool {
+        self.inner.status().connected()
+    }
+
+    /// Close politely.
+    pub async fn close(&self) {
+        if self.is_connected() {
+            let _ = self.inner.close(200, "bye".into()).await;
+        }
+    }
+}
+
+fn with_heartbeat(url: &str, heartbeat: u16) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat={heartbeat}")
+    } else {
+        format!("{url}?heartbeat={heartbeat}")
+    }
+}
+
+/// Queue flags, spelled as oslo.messaging spells them.
+#[derive(Debug, Clone, Default)]
+pub struct QueueSpec {
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Owned by this connection only.
+    pub exclusive: bool,
+    /// `x-queue-type: quorum`.
+    pub quorum: bool,
+    /// `x-expires` in milliseconds: the queue is deleted after being unused this long.
+    pub expires_ms: Option<u32>,
+}
+
+/// Exchange kinds Warren uses.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// Routing by key pattern (the control exchange).
+    Topic,
+    /// Every bound queue gets a copy (`<topic>_fanout`).
+    Fanout,
+    /// Exact key (nova-era reply exchanges).
+    Direct,
+}
+
+/// One channel.
+#[derive(Clone)]
+pub struct Channel {
+    inner: lapin::Channel,
+}
+
+impl Channel {
+    /// Declare an exchange.
+    pub async fn declare_exchange(
+        &self,
+        name: &str,
+        kind: Kind,
+        durable: bool,
+        auto_delete: bool,
+    ) -> Result<(), AmqpError> {
+        let kind = match kind {
+            Kind::Topic => ExchangeKind::Topic,
+            Kind::Fanout => ExchangeKind::Fanout,
+            Kind::Direct => ExchangeKind::Direct,
+        };
+        let options = ExchangeDeclareOptions {
+            durable,
+            auto_delete,
+            ..Default::default()
+        };
+        self.inner
+            .exchange_declare(short(name)?, kind, options, FieldTable::default())
+            .await
+            .map_err(ctx(format!("cannot declare exchange '{name}'")))
+    }
+
+    /// Whether the exchange exists (a passive declare). A missing exchange closes the channel,
+    /// so probe on a channel you can throw away.
+    pub async fn exchange_exists(&self, name: &str) -> bool {
+        let Ok(name) = short(name) else { return false };
+        let options = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.inner
+            .exchange_declare(name, ExchangeKind::Topic, options, FieldTable::default())
+            .await
+            .is_ok()
+    }
+
+    /// Declare a queue.
+    pub async fn declare_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), AmqpError> {
+        let mut args = FieldTable::default();
+        if spec.quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        if let Some(ms) = spec.expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        let options = QueueDeclareOptions {
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            exclusive: spec.exclusive,
+            ..Default::default()
+        };
+        self.inner
+            .queue_declare(short(name)?, options, args)
+            .await
+            .map(|_| ())
+            .map_err(ctx(format!("cannot declare queue '{name}'")))
+    }
+
+    /// Bind `queue` to `exchange` with `key`.
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) -> Result<(), AmqpError> {
+        self.inner
+            .queue_bind(
+                short(queue)?,
+                short(exchange)?,
+                short(key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(ctx(format!(
+                "cannot bind queue '{queue}' to '{exchange}' with '{key}'"
+            )))
+    }
+
+    /// Bound the deliveries outstanding per consumer on this channel.
+    pub async fn prefetch(&self, count: u16) -> Result<(), AmqpError> {
+        self.inner
+            .basic_qos(count, BasicQosOptions { global: false })
+            .await
+            .map_err(ctx("cannot set prefetch"))
+    }
+
+    /// Start consuming `queue` with manual acks.
+    pub async fn consume(&self, queue: &str, tag: &str) -> Result<Consumer, AmqpError> {
+        let inner = self
+            .inner
+            .basic_consume(
+                short(queue)?,
+                short(tag)?,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(ctx(format!("cannot consume from '{queue}'")))?;
+        Ok(Consumer {
+            inner,
+            queue: queue.to_owned(),
+        })
+    }
+
+    /// Stop a consumer; deliveries already received stay ours to ack.
+    pub async fn cancel(&self, tag: &str) -> Result<(), AmqpError> {
+        self.inner
+            .basic_cancel(short(tag)?, BasicCancelOptions::default())
+            .await
+            .map_err(ctx(format!("cannot cancel consumer '{tag}'")))
+    }
+
+    /// Put the channel in confirm mode and wrap it as a publisher.
+    pub async fn into_publisher(self) -> Result<Publisher, AmqpError> {
+        self.inner
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(ctx("cannot enable publisher confirms"))?;
+        Ok(Publisher { channel: self })
+    }
+
+    /// Close the channel.
+    pub async fn close(&self) {
+        if self.inner.status().connected() {
+            let _ = self.inner.close(200, "bye".into()).await;
+        }
+    }
+}
+
+/// A stream of deliveries from one queue. It ends when the consumer is cancelled (by us or by
+/// the broker, e.g. the queue was deleted) or the channel dies.
+pub struct Consumer {
+    inner: lapin::Consumer,
+    queue: String,
+}
+
+impl Consumer {
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery; `None` when the consumer ended.
+    pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
+        self.inner.next().await.map(|r| {
+            r.map(|inner| Delivery { inner })
+                .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
+        })
+    }
+
+    /// As a stream.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Delivery, AmqpError>> {
+        let queue = self.queue;
+        self.inner.map(move |r| {
+            r.map(|inner| Delivery { inner })
+                .map_err(ctx(format!("consumer on '{queue}' failed")))
+        })
+    }
+}
+
+/// One received message. It must end in exactly one of [`Delivery::ack`] or
+/// [`Delivery::reject`]; an abandoned delivery stays unacked until its channel closes.
+pub struct Delivery {
+    inner: lapin::message::Delivery,
+}
+
+impl Delivery {
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.inner.data
+    }
+
+    /// The channel-scoped delivery tag (for logs).
+    pub fn tag(&self) -> u64 {
+        self.inner.delivery_tag
+    }
+
+    /// Whether the broker delivered this before.
+    pub fn redelivered(&self) -> bool {
+        self.inner.redelivered
+    }
+
+    /// The routing key it was published with.
+    pub fn routing_key(&self) -> &str {
+        self.inner.routing_key.as_str()
+    }
+
+    /// The `content_type` property.
+    pub fn content_type(&self) -> Option<&str> {
+        self.inner
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
+    /// The broker-validated `user_id` property.
+    pub fn user_id(&self) -> Option<&str> {
+        self.inner.properties.user_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// Acknowledge. `Ok(false)` means the ack could not be sent because the channel it came on
+    /// is gone; the broker will redeliver it, so it must not be counted as done.
+    pub async fn ack(&self) -> Result<bool, AmqpError> {
+        self.inner
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(ctx("cannot ack"))
+    }
+
+    /// Reject; with `requeue = false` the broker dead-letters it (or drops it where the queue has
+    /// no dead-letter exchange).
+    pub async fn reject(&self, requeue: bool) -> Result<bool, AmqpError> {
+        self.inner
+            .acker
+            .reject(BasicRejectOptions { requeue })
+            .await
+            .map_err(ctx("cannot reject"))
+    }
+}
+
+/// How a publish ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// Routed and confirmed.
+    Confirmed,
+    /// Mandatory and unroutable (312 NO_ROUTE): for a reply, the caller is gone.
+    Returned {
+        /// AMQP reply code.
+        code: u16,
+        /// Broker's text.
+        text: String,
+    },
+    /// The broker refused it (internal error or `reject-publish` overflow).
+    Nacked,
+}
+
+/// Per-message publish options.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// Return the message if no queue takes it.
+    pub mandatory: bool,
+    /// Delivery mode 2 (the kombu default) rather than 1.
+    pub persistent: bool,
+    /// AMQP `expiration`, milliseconds.
+    pub expiration_ms: Option<u64>,
+}
+
+/// A channel in confirm mode. Cloning shares the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Publish JSON and wait (bounded) for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        options: &PublishOptions,
+    ) -> Result<Published, AmqpError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(if options.persistent { 2 } else { 1 });
+        if let Some(ms) = options.expiration_ms {
+            props = props.with_expiration(ms.to_string().into());
+        }
+        let publish = BasicPublishOptions {
+            mandatory: options.mandatory,
+            ..Default::default()
+        };
+        let confirm = self
+            .channel
+            .inner
+            .basic_publish(short(exchange)?, short(key)?, publish, body, props)
+            .await
+            .map_err(ctx(format!(
+                "cannot publish to '{exchange}' with key '{key}'"
+            )))?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT))?
+            .map_err(ctx(format!(
+                "publish to '{exchange}' with key '{key}' failed"
+            )))?;
+        Ok(match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
+            Confirmation::Ack(Some(returned)) => Published::Returned {
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            },
+            Confirmation::Nack(_) => Published::Nacked,
+        })
+    }
+
+    /// The underlying channel (to declare what a publisher needs).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}

@@ -1,0 +1,350 @@
+//! `warren call | multicall | cast | fanout | notify`: the client side, from the shell.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use warren::client::{CallError, Client, Notification, Target};
+use warren::config::{Config, DEFAULT_BROKER_URL, DEFAULT_EXCHANGE};
+
+use super::{EXIT_FAILED, usage_error};
+
+/// How to reach the broker; shared by every client command.
+#[derive(Args, Clone)]
+pub struct BrokerArgs {
+    /// Broker URL [default: WARREN_BROKER_URL, else the config's, else amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, global = true)]
+    broker: Option<String>,
+    /// Take the broker URL and exchange from this daemon config.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Control exchange [default: the config's, else openstack]
+    #[arg(long, global = true)]
+    exchange: Option<String>,
+}
+
+impl BrokerArgs {
+    fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let config = match &self.config {
+            Some(path) => Some(Config::load(path)?),
+            None => None,
+        };
+        let url = self
+            .broker
+            .clone()
+            .or_else(|| std::env::var("WARREN_BROKER_URL").ok())
+            .or_else(|| config.as_ref().map(|c| c.broker.url.clone()))
+            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned());
+        let exchange = self
+            .exchange
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.broker.exchange.clone()))
+            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        Ok((url, exchange))
+    }
+}
+
+/// Call a method and print its result as JSON.
+///
+/// Exits 1 with the remote error's class and message on stderr if the handler failed, and 1
+/// with a timeout message if no reply came in time.
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  warren call echo echo '{\"value\": 42}'\n  \
+warren call calc div '{\"a\": 1, \"b\": 0}'\n  warren call echo echo '{\"value\": 1}' --server host1 --timeout 5"
+)]
+pub struct CallArgs {
+    /// Topic to call.
+    topic: String,
+    /// Method name.
+    method: String,
+    /// Arguments as a JSON object.
+    #[arg(default_value = "{}")]
+    args: String,
+    /// Send to one server (`<topic>.<server>`) instead of any server of the topic.
+    #[arg(long)]
+    server: Option<String>,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Request context as a JSON object (sent as `_context_*` fields).
+    #[arg(long, default_value = "{}")]
+    context: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// Call a streaming method and print each result as it arrives (nova's multicall).
+#[derive(Args)]
+#[command(after_help = "Example:\n  warren multicall calc fib '{\"n\": 10}'")]
+pub struct MulticallArgs {
+    #[command(flatten)]
+    pub call: CallArgs,
+}
+
+/// Send a method without waiting for any result (fire and forget).
+#[derive(Args)]
+#[command(after_help = "Example:\n  warren cast echo echo '{\"value\": 1}'")]
+pub struct CastArgs {
+    /// Topic to cast to.
+    topic: String,
+    /// Method name.
+    method: String,
+    /// Arguments as a JSON object.
+    #[arg(default_value = "{}")]
+    args: String,
+    /// Send to one server (`<topic>.<server>`).
+    #[arg(long)]
+    server: Option<String>,
+    /// Request context as a JSON object.
+    #[arg(long, default_value = "{}")]
+    context: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// Cast to every server of a topic (its `<topic>_fanout` exchange).
+#[derive(Args)]
+#[command(after_help = "Example:\n  warren fanout echo echo '{\"value\": 1}'")]
+pub struct FanoutArgs {
+    /// Topic.
+    topic: String,
+    /// Method name.
+    method: String,
+    /// Arguments as a JSON object.
+    #[arg(default_value = "{}")]
+    args: String,
+    /// Request context as a JSON object.
+    #[arg(long, default_value = "{}")]
+    context: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// Publish an oslo notification on `<topic>.<priority>` (default `notifications.info`).
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  warren notify compute.instance.create.end '{\"id\": 1}' --priority info"
+)]
+pub struct NotifyArgs {
+    /// Event type, e.g. compute.instance.create.end.
+    event_type: String,
+    /// Payload as a JSON object.
+    #[arg(default_value = "{}")]
+    payload: String,
+    /// Priority: debug, info, warn, error, critical, audit or sample.
+    #[arg(long, default_value = "info")]
+    priority: String,
+    /// Notification topic.
+    #[arg(long, default_value = "notifications")]
+    topic: String,
+    /// publisher_id of the notification.
+    #[arg(long, default_value = "warren.cli")]
+    publisher_id: String,
+    /// Request context as a JSON object.
+    #[arg(long, default_value = "{}")]
+    context: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+fn object(text: &str, what: &str) -> anyhow::Result<Box<RawValue>> {
+    let raw: Box<RawValue> =
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{what} is not valid JSON: {e}"))?;
+    anyhow::ensure!(
+        raw.get().trim_start().starts_with('{'),
+        "{what} must be a JSON object"
+    );
+    Ok(raw)
+}
+
+fn context(text: &str) -> anyhow::Result<Map<String, Value>> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => anyhow::bail!("--context must be a JSON object"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn report(err: CallError) -> ExitCode {
+    match &err {
+        CallError::Remote(remote) => {
+            eprintln!("remote error: {}: {}", remote.class, remote.message);
+            let doc = serde_json::json!({"class": remote.class, "module": remote.module, "message": remote.message, "kwargs": remote.kwargs});
+            eprintln!("{doc}");
+        }
+        _ => eprintln!("error: {err}"),
+    }
+    ExitCode::from(EXIT_FAILED)
+}
+
+/// `warren call` and `warren multicall`.
+pub fn call(args: CallArgs, multi: bool) -> ExitCode {
+    let prepared = (|| -> anyhow::Result<_> {
+        let (url, exchange) = args.broker.resolve()?;
+        anyhow::ensure!(
+            args.timeout > 0.0 && args.timeout.is_finite(),
+            "--timeout must be a positive number of seconds"
+        );
+        Ok((
+            url,
+            exchange,
+            object(&args.args, "ARGS")?,
+            context(&args.context)?,
+            runtime()?,
+        ))
+    })();
+    let (url, exchange, call_args, ctx, rt) = match prepared {
+        Ok(p) => p,
+        Err(e) => return usage_error(e),
+    };
+    let target = Target {
+        topic: args.topic.clone(),
+        server: args.server.clone(),
+    };
+    let timeout = Duration::from_secs_f64(args.timeout);
+    rt.block_on(async {
+        let client = match Client::connect(&url, &exchange).await {
+            Ok(c) => c,
+            Err(e) => return report(e),
+        };
+        let code = if multi {
+            match client
+                .multicall(&target, &args.method, &call_args, &ctx, timeout)
+                .await
+            {
+                Ok(mut rx) => {
+                    let mut code = ExitCode::SUCCESS;
+                    while let Some(item) = rx.recv().await {
+                        match item {
+                            Ok(result) => println!("{}", result.get()),
+                            Err(e) => {
+                                code = report(e);
+                                break;
+                            }
+                        }
+                    }
+                    code
+                }
+                Err(e) => report(e),
+            }
+        } else {
+            match client
+                .call(&target, &args.method, &call_args, &ctx, timeout)
+                .await
+            {
+                Ok(result) => {
+                    println!("{}", result.get());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(e),
+            }
+        };
+        client.close().await;
+        code
+    })
+}
+
+/// `warren cast`.
+pub fn cast(args: CastArgs) -> ExitCode {
+    let target = Target {
+        topic: args.topic,
+        server: args.server,
+    };
+    send(
+        &args.broker,
+        &args.args,
+        &args.context,
+        Op::Cast {
+            target,
+            method: args.method,
+        },
+    )
+}
+
+/// `warren fanout`.
+pub fn fanout(args: FanoutArgs) -> ExitCode {
+    send(
+        &args.broker,
+        &args.args,
+        &args.context,
+        Op::Fanout {
+            topic: args.topic,
+            method: args.method,
+        },
+    )
+}
+
+/// `warren notify`.
+pub fn notify(args: NotifyArgs) -> ExitCode {
+    const PRIORITIES: [&str; 7] = [
+        "debug", "info", "warn", "error", "critical", "audit", "sample",
+    ];
+    if !PRIORITIES.contains(&args.priority.to_ascii_lowercase().as_str()) {
+        return usage_error(anyhow::anyhow!(
+            "--priority must be one of {}",
+            PRIORITIES.join(", ")
+        ));
+    }
+    let broker = args.broker.clone();
+    let (payload, ctx) = (args.payload.clone(), args.context.clone());
+    send(&broker, &payload, &ctx, Op::Notify(args))
+}
+
+/// A one-way send.
+enum Op {
+    Cast { target: Target, method: String },
+    Fanout { topic: String, method: String },
+    Notify(NotifyArgs),
+}
+
+fn send(broker: &BrokerArgs, body: &str, ctx: &str, op: Op) -> ExitCode {
+    let prepared = (|| -> anyhow::Result<_> {
+        let (url, exchange) = broker.resolve()?;
+        Ok((
+            url,
+            exchange,
+            object(body, "the JSON argument")?,
+            context(ctx)?,
+            runtime()?,
+        ))
+    })();
+    let (url, exchange, body, ctx, rt) = match prepared {
+        Ok(p) => p,
+        Err(e) => return usage_error(e),
+    };
+    rt.block_on(async move {
+        let client = match Client::connect(&url, &exchange).await {
+            Ok(c) => c,
+            Err(e) => return report(e),
+        };
+        let sent = match &op {
+            Op::Cast { target, method } => client.cast(target, method, &body, &ctx).await,
+            Op::Fanout { topic, method } => client.fanout_cast(topic, method, &body, &ctx).await,
+            Op::Notify(n) => {
+                let notification = Notification {
+                    publisher_id: &n.publisher_id,
+                    event_type: &n.event_type,
+                    priority: &n.priority,
+                    topic: &n.topic,
+                    payload: &body,
+                    context: &ctx,
+                };
+                client.notify(&notification).await
+            }
+        };
+        client.close().await;
+        match sent {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(e),
+        }
+    })
+}

@@ -1,0 +1,395 @@
+//! The daemon's TOML configuration: schema, defaults, environment overrides, and validation
+//! errors that name the file, the line and the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::runtime::Limits;
+
+/// The local broker every tool falls back to.
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// oslo.messaging's default `control_exchange`.
+pub const DEFAULT_EXCHANGE: &str = "openstack";
+
+/// A config problem, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}:{column}: {key}: {message}")]
+pub struct ConfigError {
+    /// The config file.
+    pub path: PathBuf,
+    /// 1-based line (0 when the problem has no position, e.g. an environment override).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted key the problem is about (`handler[1].module`), or `-` when unknown.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Resolved daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from; module paths are relative to its directory.
+    pub path: PathBuf,
+    /// Broker connection.
+    pub broker: Broker,
+    /// This server's identity and resource bounds.
+    pub server: Server,
+    /// One entry per topic served.
+    pub handlers: Vec<Handler>,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// AMQP URL; may hold credentials, so log only [`redact_url`] of it.
+    pub url: String,
+    /// oslo's `control_exchange` (a topic exchange).
+    pub exchange: String,
+    /// AMQP heartbeat in seconds (RabbitMQ recommends 5–20).
+    pub heartbeat: u16,
+    /// Declare topic queues and exchanges durable (oslo's `amqp_durable_queues`).
+    pub durable: bool,
+    /// Declare topic queues as quorum queues (implies durable; oslo's `rabbit_quorum_queue`).
+    pub quorum: bool,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Name used for `<topic>.<server>` routing. Defaults to the host name.
+    pub name: String,
+    /// Deliveries the broker may have outstanding per consumer (`basic.qos`).
+    pub prefetch: u16,
+    /// Invocations running at once across all handlers.
+    pub concurrency: usize,
+    /// How long shutdown waits for in-flight work before closing anyway.
+    pub shutdown_timeout: Duration,
+    /// How many recent `_unique_id`s are remembered to drop duplicates.
+    pub dedup_window: usize,
+    /// Largest message body accepted; bigger ones are rejected before parsing.
+    pub max_message_bytes: usize,
+}
+
+/// One `[[handler]]`.
+#[derive(Debug, Clone)]
+pub struct Handler {
+    /// The topic it serves (queue names derive from it).
+    pub topic: String,
+    /// Absolute path to the module.
+    pub module: PathBuf,
+    /// Sandbox limits.
+    pub limits: Limits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    broker: BrokerFile,
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    handler: Vec<HandlerFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BrokerFile {
+    url: Option<String>,
+    exchange: Option<Spanned<String>>,
+    heartbeat: Option<u16>,
+    durable: Option<bool>,
+    quorum: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    name: Option<Spanned<String>>,
+    prefetch: Option<Spanned<u16>>,
+    concurrency: Option<Spanned<usize>>,
+    shutdown_timeout_secs: Option<u64>,
+    dedup_window: Option<usize>,
+    max_message_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HandlerFile {
+    topic: Spanned<String>,
+    module: Spanned<PathBuf>,
+    timeout_ms: Option<Spanned<u64>>,
+    memory_mib: Option<Spanned<u64>>,
+    max_result_bytes: Option<usize>,
+}
+
+impl Config {
+    /// Read and validate `path`, then apply environment overrides (`WARREN_BROKER_URL`,
+    /// `WARREN_EXCHANGE`, `WARREN_SERVER_NAME`).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: 0,
+            column: 0,
+            key: "-".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text, |k| std::env::var(k).ok())
+    }
+
+    /// Parse `text` as if read from `path`; `env` supplies overrides (a seam for tests).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let at = |span: Option<std::ops::Range<usize>>, key: &str, message: String| {
+            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+            ConfigError {
+                path: path.to_owned(),
+                line,
+                column,
+                key: key.to_owned(),
+                message,
+            }
+        };
+        let file: File = toml::from_str(text).map_err(|e| {
+            at(
+                e.span(),
+                &key_of(e.message()),
+                e.message().trim().to_owned(),
+            )
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+
+        let exchange = env("WARREN_EXCHANGE")
+            .or_else(|| file.broker.exchange.as_ref().map(|e| e.get_ref().clone()))
+            .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
+        if exchange.is_empty() {
+            let span = file.broker.exchange.as_ref().map(|e| e.span());
+            return Err(at(span, "broker.exchange", "must not be empty".into()));
+        }
+        let broker = Broker {
+            url: env("WARREN_BROKER_URL")
+                .or(file.broker.url)
+                .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned()),
+            exchange,
+            heartbeat: file.broker.heartbeat.unwrap_or(15),
+            durable: file.broker.durable.unwrap_or(false) || file.broker.quorum.unwrap_or(false),
+            quorum: file.broker.quorum.unwrap_or(false),
+        };
+        if let Err(e) = url::Url::parse(&broker.url) {
+            return Err(at(None, "broker.url", format!("not a valid AMQP URL: {e}")));
+        }
+
+        let name = match env("WARREN_SERVER_NAME")
+            .or_else(|| file.server.name.as_ref().map(|n| n.get_ref().clone()))
+        {
+            Some(name) => name,
+            None => hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".to_owned()),
+        };
+        if !valid_name(&name) {
+            let span = file.server.name.as_ref().map(|n| n.span());
+            return Err(at(
+                span,
+                "server.name",
+                format!("'{name}' must be 1-255 characters of letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let prefetch = file.server.prefetch.as_ref().map_or(64, |p| *p.get_ref());
+        if prefetch == 0 {
+            let span = file.server.prefetch.as_ref().map(|p| p.span());
+            return Err(at(
+                span,
+                "server.prefetch",
+                "must be at least 1 (0 would mean unbounded)".into(),
+            ));
+        }
+        let concurrency = file
+            .server
+            .concurrency
+            .as_ref()
+            .map_or(16, |c| *c.get_ref());
+        if concurrency == 0 {
+            let span = file.server.concurrency.as_ref().map(|c| c.span());
+            return Err(at(span, "server.concurrency", "must be at least 1".into()));
+        }
+        let server = Server {
+            name,
+            prefetch,
+            concurrency,
+            shutdown_timeout: Duration::from_secs(file.server.shutdown_timeout_secs.unwrap_or(30)),
+            dedup_window: file.server.dedup_window.unwrap_or(4096),
+            max_message_bytes: file.server.max_message_bytes.unwrap_or(1 << 20),
+        };
+
+        let mut handlers: Vec<Handler> = Vec::with_capacity(file.handler.len());
+        for (i, h) in file.handler.into_iter().enumerate() {
+            let topic = h.topic.get_ref();
+            if !valid_name(topic) {
+                return Err(at(
+                    Some(h.topic.span()),
+                    &format!("handler[{i}].topic"),
+                    format!(
+                        "'{topic}' must be 1-255 characters of letters, digits, '-', '_' or '.'"
+                    ),
+                ));
+            }
+            if handlers.iter().any(|o| &o.topic == topic) {
+                return Err(at(
+                    Some(h.topic.span()),
+                    &format!("handler[{i}].topic"),
+                    format!("topic '{topic}' is configured twice"),
+                ));
+            }
+            let mut limits = Limits::DEFAULT;
+            if let Some(t) = &h.timeout_ms {
+                if *t.get_ref() == 0 {
+                    return Err(at(
+                        Some(t.span()),
+                        &format!("handler[{i}].timeout_ms"),
+                        "must be at least 1".into(),
+                    ));
+                }
+                limits.timeout = Duration::from_millis(*t.get_ref());
+            }
+            if let Some(m) = &h.memory_mib {
+                if *m.get_ref() == 0 || *m.get_ref() > 4096 {
+                    return Err(at(
+                        Some(m.span()),
+                        &format!("handler[{i}].memory_mib"),
+                        "must be between 1 and 4096".into(),
+                    ));
+                }
+                limits.memory_bytes = (*m.get_ref() as usize) << 20;
+            }
+            if let Some(r) = h.max_result_bytes {
+                limits.max_result_bytes = r;
+            }
+            handlers.push(Handler {
+                topic: topic.clone(),
+                module: base.join(h.module.get_ref()),
+                limits,
+            });
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            broker,
+            server,
+            handlers,
+        })
+    }
+}
+
+/// Topic and server names end up in queue names and routing keys; keep them to what oslo uses.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// toml names the offending key in backticks ("unknown field `x`", "missing field `topic`").
+fn key_of(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .map(str::to_owned)
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+/// The URL with its password replaced, for logs. Credentials never reach a log line.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/warren/w.toml"), text, |_| None)
+    }
+
+    #[test]
+    fn minimal_config_resolves_defaults_and_relative_module() {
+        let c = parse("[[handler]]\ntopic = \"echo\"\nmodule = \"echo.wasm\"\n").expect("valid");
+        assert_eq!(c.broker.url, DEFAULT_BROKER_URL);
+        assert_eq!(c.broker.exchange, "openstack");
+        assert_eq!(c.handlers[0].module, Path::new("/etc/warren/echo.wasm"));
+        assert_eq!(c.handlers[0].limits, Limits::DEFAULT);
+        assert!(!c.server.name.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse("[broker]\nurl = \"amqp://x\"\n\n[[handler]]\ntopic = \"a\"\nmodule = \"a.wasm\"\ntimout_ms = 5\n")
+            .expect_err("unknown key");
+        assert_eq!(e.line, 7, "{e}");
+        assert_eq!(e.key, "timout_ms");
+        assert!(e.to_string().starts_with("/etc/warren/w.toml:7:"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_invalid_values_are_located() {
+        let e = parse("[[handler]]\ntopic = \"a\"\n").expect_err("missing module");
+        assert_eq!(e.key, "module", "{e}");
+        let e =
+            parse("[[handler]]\ntopic = \"a b\"\nmodule = \"a.wasm\"\n").expect_err("bad topic");
+        assert_eq!((e.line, e.key.as_str()), (2, "handler[0].topic"), "{e}");
+        let e = parse("[[handler]]\ntopic = \"a\"\nmodule = \"a.wasm\"\n[[handler]]\ntopic = \"a\"\nmodule = \"b.wasm\"\n")
+            .expect_err("duplicate");
+        assert_eq!(e.line, 5, "{e}");
+        let e = parse("[server]\nprefetch = 0\n").expect_err("prefetch 0");
+        assert_eq!((e.line, e.key.as_str()), (2, "server.prefetch"));
+        let e = parse("[[handler]]\ntopic = \"a\"\nmodule = \"a.wasm\"\ntimeout_ms = \"slow\"\n")
+            .expect_err("type");
+        assert_eq!(e.line, 4, "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::parse(
+            Path::new("w.toml"),
+            "[broker]\nurl = \"amqp://a\"\n",
+            |k| match k {
+                "WARREN_BROKER_URL" => Some("amqp://u:secret@b:5672/%2f".into()),
+                "WARREN_SERVER_NAME" => Some("node-7".into()),
+                _ => None,
+            },
+        )
+        .expect("valid");
+        assert_eq!(c.broker.url, "amqp://u:secret@b:5672/%2f");
+        assert_eq!(c.server.name, "node-7");
+    }
+
+    #[test]
+    fn redaction_hides_the_password() {
+        let r = redact_url("amqp://guest:hunter2@127.0.0.1:5672/%2f");
+        assert!(!r.contains("hunter2"), "{r}");
+        assert!(r.contains("guest"), "{r}");
+    }
+}

@@ -1,0 +1,96 @@
+//! The `warren` binary's local commands, run as a user would.
+
+use crate::support::{plugin, warren};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = warren().args(args).output().expect("warren runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invoke_echo_prints_42() {
+    let echo = plugin("echo");
+    let (code, out, err) = run(&[
+        "invoke",
+        echo.to_str().expect("utf8"),
+        "echo",
+        r#"{"value": 42}"#,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "42\n"), "stderr: {err}");
+}
+
+#[test]
+fn invoke_streams_one_line_per_result() {
+    let calc = plugin("calc");
+    let (code, out, _) = run(&["invoke", calc.to_str().expect("utf8"), "fib", r#"{"n": 4}"#]);
+    assert_eq!((code, out.as_str()), (0, "0\n1\n1\n2\n"));
+}
+
+#[test]
+fn invoke_failure_exits_nonzero_with_error_json() {
+    let calc = plugin("calc");
+    let (code, out, err) = run(&[
+        "invoke",
+        calc.to_str().expect("utf8"),
+        "div",
+        r#"{"a": 1, "b": 0}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    let last = err.lines().last().expect("error line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("error JSON on stderr");
+    assert_eq!(v["class"], "ZeroDivisionError");
+}
+
+#[test]
+fn invoke_with_context() {
+    let echo = plugin("echo");
+    let (code, out, _) = run(&[
+        "invoke",
+        echo.to_str().expect("utf8"),
+        "context",
+        "--context",
+        r#"{"user_id": "u9"}"#,
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains(r#""user_id":"u9""#), "{out}");
+}
+
+#[test]
+fn inspect_lists_methods_and_abi() {
+    let calc = plugin("calc");
+    let (code, out, _) = run(&["inspect", calc.to_str().expect("utf8"), "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["abi_version"], 1);
+    let methods: Vec<&str> = v["methods"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    for m in ["add", "div", "fib", "stats"] {
+        assert!(methods.contains(&m), "{methods:?}");
+    }
+}
+
+#[test]
+fn bad_module_path_is_a_usage_error() {
+    let (code, _, err) = run(&["invoke", "/nonexistent/x.wasm", "echo"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/x.wasm"), "{err}");
+}
+
+#[test]
+fn help_teaches_with_examples() {
+    let (code, out, _) = run(&["invoke", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("warren invoke") && out.contains("echo"),
+        "{out}"
+    );
+}

@@ -1,0 +1,377 @@
+//! The runtime through its library API: example plugins built from source, and hostile modules
+//! written as WAT.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warren::runtime::{EngineSettings, Failure, Limits, LoadError, Module, Runtime, parse_args};
+
+use crate::support::plugin;
+
+fn runtime() -> Runtime {
+    Runtime::new(&EngineSettings::small()).expect("runtime")
+}
+
+fn load(rt: &Runtime, name: &str, bytes: &[u8]) -> Module {
+    rt.load(name, bytes, &Limits::DEFAULT)
+        .expect("module loads")
+}
+
+fn call(rt: &Runtime, m: &Module, method: &str, args: &str) -> Result<Vec<String>, Failure> {
+    call_with(rt, m, method, args, "{}", &Limits::DEFAULT)
+}
+
+fn call_with(
+    rt: &Runtime,
+    m: &Module,
+    method: &str,
+    args: &str,
+    ctx: &str,
+    limits: &Limits,
+) -> Result<Vec<String>, Failure> {
+    let args = parse_args(args)?;
+    rt.invoke(m, method, &args, Arc::from(ctx.as_bytes()), limits)
+        .map(|rs| rs.iter().map(|r| r.get().to_owned()).collect())
+}
+
+/// ABI marker, memory, and the given body.
+fn wat(body: &str) -> Vec<u8> {
+    format!(
+        r#"(module
+  (import "warren_v1" "input_len" (func $input_len (result i32)))
+  (import "warren_v1" "input_read" (func $input_read (param i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (import "warren_v1" "error_write" (func $error_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  {body})"#
+    )
+    .into_bytes()
+}
+
+const ECHO_ARGS: &str = r#"(func (export "echo_args") (result i32)
+    (call $input_read (i32.const 0))
+    (call $output_write (i32.const 0) (call $input_len))
+    i32.const 0)"#;
+
+#[test]
+fn echo_plugin_returns_the_value() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", &std::fs::read(plugin("echo")).expect("read"));
+    assert_eq!(
+        call(&rt, &echo, "echo", r#"{"value": 42}"#).expect("ok"),
+        ["42"]
+    );
+    assert_eq!(
+        call(&rt, &echo, "echo", r#"{"value": {"a": [1, "x"]}}"#).expect("ok"),
+        [r#"{"a":[1,"x"]}"#]
+    );
+    assert!(echo.methods().any(|m| m == "echo"));
+}
+
+#[test]
+fn context_reaches_the_guest() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", &std::fs::read(plugin("echo")).expect("read"));
+    let out = call_with(
+        &rt,
+        &echo,
+        "context",
+        "{}",
+        r#"{"user_id":"u1","roles":["admin"]}"#,
+        &Limits::DEFAULT,
+    )
+    .expect("ok");
+    let ctx: serde_json::Value = serde_json::from_str(&out[0]).expect("json");
+    assert_eq!(ctx["user_id"], "u1");
+    assert_eq!(ctx["roles"][0], "admin");
+}
+
+#[test]
+fn calc_plugin_typed_error_stream_and_panic() {
+    let rt = runtime();
+    let calc = load(&rt, "calc", &std::fs::read(plugin("calc")).expect("read"));
+    assert_eq!(
+        call(&rt, &calc, "add", r#"{"a": 2, "b": 40}"#).expect("ok"),
+        ["42"]
+    );
+
+    let err = call(&rt, &calc, "div", r#"{"a": 1, "b": 0}"#).expect_err("division by zero");
+    assert_eq!(err.class, "ZeroDivisionError");
+    assert_eq!(err.data, Some(serde_json::json!({"a": 1, "b": 0})));
+
+    assert_eq!(
+        call(&rt, &calc, "fib", r#"{"n": 6}"#).expect("ok"),
+        ["0", "1", "1", "2", "3", "5"]
+    );
+
+    let err = call(&rt, &calc, "panic", "{}").expect_err("panics");
+    assert_eq!(err.class, "GuestTrap");
+    assert!(
+        err.message.contains("calc panicked on purpose"),
+        "panic message must reach the caller: {}",
+        err.message
+    );
+
+    let err = call(&rt, &calc, "add", r#"{"a": "two"}"#).expect_err("bad args");
+    assert_eq!(err.class, "InvalidArgs", "{err}");
+}
+
+#[test]
+fn every_invocation_gets_a_fresh_instance() {
+    // A global counter incremented per call: with a reused instance the second call sees 2.
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "counter",
+        &wat(r#"(global $n (mut i32) (i32.const 0))
+  (func (export "bump") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $n)))
+    (call $output_write (i32.const 0) (i32.const 1))
+    i32.const 0)"#),
+    );
+    for _ in 0..3 {
+        assert_eq!(call(&rt, &m, "bump", "{}").expect("ok"), ["1"]);
+    }
+}
+
+#[test]
+fn infinite_loop_times_out_while_another_invocation_completes() {
+    let rt = Arc::new(runtime());
+    let m = load(
+        &rt,
+        "hostile",
+        &wat(&format!(
+            r#"(func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)
+  {ECHO_ARGS}"#
+        )),
+    );
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..Limits::DEFAULT
+    };
+    let spinner = {
+        let (rt, m, limits) = (rt.clone(), m.clone(), limits.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let r = call_with(&rt, &m, "spin", "{}", "{}", &limits);
+            (r, start.elapsed())
+        })
+    };
+    // While the spinner burns its core, a normal call on the same module must still finish.
+    let start = Instant::now();
+    assert_eq!(
+        call(&rt, &m, "echo_args", r#"{"x":1}"#).expect("ok"),
+        [r#"{"x":1}"#]
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(250),
+        "the concurrent call was held up: {:?}",
+        start.elapsed()
+    );
+    let (result, took) = spinner.join().expect("thread");
+    let err = result.expect_err("spinning must be stopped");
+    assert_eq!(err.class, "Timeout", "{err}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "stopped after {took:?}"
+    );
+}
+
+#[test]
+fn unbounded_memory_growth_hits_the_cap() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "grow",
+        &wat(r#"(func (export "grow") (result i32)
+    (loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1))))
+    i32.const 0)"#),
+    );
+    let limits = Limits {
+        memory_bytes: 4 << 20,
+        ..Limits::DEFAULT
+    };
+    let err = call_with(&rt, &m, "grow", "{}", "{}", &limits).expect_err("cap");
+    assert_eq!(err.class, "MemoryLimitExceeded", "{err}");
+}
+
+#[test]
+fn unreachable_is_a_guest_trap() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "trap",
+        &wat(r#"(func (export "boom") (result i32) unreachable)"#),
+    );
+    let err = call(&rt, &m, "boom", "{}").expect_err("trap");
+    assert_eq!(err.class, "GuestTrap");
+    assert!(err.message.contains("unreachable"), "{}", err.message);
+}
+
+#[test]
+fn out_of_bounds_output_is_a_trap_not_a_host_crash() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "oob",
+        &wat(r#"(func (export "oob") (result i32)
+    (call $output_write (i32.const 65530) (i32.const 100)) i32.const 0)"#),
+    );
+    let err = call(&rt, &m, "oob", "{}").expect_err("out of bounds");
+    assert_eq!(err.class, "GuestTrap", "{err}");
+}
+
+#[test]
+fn invalid_output_and_error_conventions() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "outputs",
+        &wat(
+            r#"(data (i32.const 100) "not json{\"class\":\"Nope\",\"message\":\"m\"}")
+  (func (export "bad_json") (result i32) (call $output_write (i32.const 100) (i32.const 8)) i32.const 0)
+  (func (export "typed") (result i32) (call $error_write (i32.const 108) (i32.const 30)) i32.const 1)
+  (func (export "bare_status") (result i32) i32.const 7)
+  (func (export "nothing") (result i32) i32.const 0)"#,
+        ),
+    );
+    assert_eq!(
+        call(&rt, &m, "bad_json", "{}").expect_err("invalid").class,
+        "InvalidResult"
+    );
+    let typed = call(&rt, &m, "typed", "{}").expect_err("typed");
+    assert_eq!(
+        (typed.class.as_str(), typed.message.as_str()),
+        ("Nope", "m")
+    );
+    assert_eq!(
+        call(&rt, &m, "bare_status", "{}")
+            .expect_err("status")
+            .class,
+        "GuestError"
+    );
+    assert_eq!(call(&rt, &m, "nothing", "{}").expect("null"), ["null"]);
+}
+
+#[test]
+fn reserved_and_unknown_exports_are_no_such_method() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "reserved",
+        &wat(r#"(func (export "_hidden") (result i32) i32.const 0)
+  (func (export "_initialize"))
+  (func (export "visible") (result i32) i32.const 0)
+  (func (export "takes_params") (param i32) (result i32) i32.const 0)"#),
+    );
+    assert_eq!(m.methods().collect::<Vec<_>>(), ["visible"]);
+    for name in [
+        "_hidden",
+        "_initialize",
+        "warren_abi_version",
+        "memory",
+        "takes_params",
+        "nope",
+    ] {
+        assert_eq!(
+            call(&rt, &m, name, "{}").expect_err(name).class,
+            "NoSuchMethod",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn invalid_args_are_refused_before_the_guest_runs() {
+    let rt = runtime();
+    let m = load(&rt, "args", &wat(ECHO_ARGS));
+    for bad in ["not json", "[1,2]", "42", "\"s\"", "{\"a\": "] {
+        assert_eq!(
+            call(&rt, &m, "echo_args", bad).expect_err(bad).class,
+            "InvalidArgs",
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn initialize_runs_before_every_method() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "reactor",
+        &wat(r#"(global $ready (mut i32) (i32.const 0))
+  (func (export "_initialize") (global.set $ready (i32.const 1)))
+  (func (export "ready") (result i32)
+    (i32.store8 (i32.const 0) (i32.add (i32.const 48) (global.get $ready)))
+    (call $output_write (i32.const 0) (i32.const 1))
+    i32.const 0)"#),
+    );
+    assert_eq!(call(&rt, &m, "ready", "{}").expect("ok"), ["1"]);
+}
+
+#[test]
+fn modules_that_break_the_abi_do_not_load() {
+    let rt = runtime();
+    let no_marker = rt.load(
+        "x",
+        b"(module (memory (export \"memory\") 1) (func (export \"m\") (result i32) i32.const 0))",
+        &Limits::DEFAULT,
+    );
+    assert!(
+        matches!(no_marker, Err(LoadError::MissingAbiMarker)),
+        "{:?}",
+        no_marker.err()
+    );
+    let msg = no_marker.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("warren_abi_version"), "{msg}");
+
+    let v2 = rt.load("x", b"(module (memory (export \"memory\") 1) (func (export \"warren_abi_version\") (result i32) i32.const 2))", &Limits::DEFAULT);
+    assert!(
+        matches!(
+            v2,
+            Err(LoadError::AbiVersion {
+                found: 2,
+                expected: 1
+            })
+        ),
+        "{:?}",
+        v2.err()
+    );
+
+    let unknown_import = rt.load("x", b"(module (import \"env\" \"steal\" (func)) (memory (export \"memory\") 1) (func (export \"warren_abi_version\") (result i32) i32.const 1))", &Limits::DEFAULT);
+    let msg = unknown_import
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("steal"), "the error names the import: {msg}");
+
+    assert!(matches!(
+        rt.load("x", b"garbage", &Limits::DEFAULT),
+        Err(LoadError::Compile(_))
+    ));
+}
+
+#[test]
+fn wasi_grants_nothing() {
+    // A module that tries to open "/etc/passwd" through WASI preopen fd 3 gets EBADF (8), not a file.
+    let rt = runtime();
+    let m = rt.load("wasi", br#"(module
+  (import "wasi_snapshot_preview1" "path_open" (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "etc/passwd")
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "open") (result i32)
+    (i32.store8 (i32.const 100)
+      (i32.add (i32.const 48) (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 10) (i32.const 0) (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 200))))
+    (call $output_write (i32.const 100) (i32.const 1))
+    i32.const 0))"#, &Limits::DEFAULT).expect("loads");
+    assert_eq!(
+        call(&rt, &m, "open", "{}").expect("returns errno"),
+        ["8"],
+        "EBADF: no preopened directory"
+    );
+}
