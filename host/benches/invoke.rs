@@ -1,1 +1,51 @@
-fn main() {}
+//! One invocation of the echo plugin in a fresh sandbox (new Store + instance, WASI context,
+//! limits, epoch deadline), with 100 bytes of JSON args. Target: a median of 10 µs or less.
+//!
+//! Run with `make bench` (or `cargo bench -p warren --bench invoke`); it builds the example
+//! plugins first if they are missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use warren::runtime::{EngineSettings, Limits, Runtime, parse_args};
+
+fn echo_module() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("plugins/target/wasm32-wasip1/release/echo.wasm");
+    if !path.exists() {
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+            .arg(root.join("plugins/Cargo.toml"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the example plugins failed");
+    }
+    path
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = Runtime::new(&EngineSettings::small()).expect("runtime");
+    let bytes = std::fs::read(echo_module()).expect("echo.wasm");
+    let module = runtime.load("echo", &bytes, &Limits::DEFAULT).expect("loads");
+    // 100 bytes exactly: {"value":"xxxx…"}
+    let args_text = format!("{{\"value\":\"{}\"}}", "x".repeat(100 - 12));
+    assert_eq!(args_text.len(), 100);
+    let args = parse_args(&args_text).expect("args");
+    let context: Arc<[u8]> = Arc::from(&b"{}"[..]);
+    let limits = Limits::DEFAULT;
+    let out = runtime.invoke(&module, "echo", &args, context.clone(), &limits).expect("echo works");
+    assert_eq!(out.len(), 1);
+
+    c.bench_function("invoke echo 100B, fresh sandbox", |b| {
+        b.iter(|| runtime.invoke(&module, "echo", &args, context.clone(), &limits).expect("echo works"))
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(200).measurement_time(std::time::Duration::from_secs(5));
+    targets = bench
+}
+criterion_main!(benches);

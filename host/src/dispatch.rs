@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::amqp::{Delivery, PublishOptions, Published, Publisher};
 use crate::registry::Handler;
 use crate::runtime::{Failure, Runtime, class};
-use crate::wire::{self, Dialect, RemoteError, Request};
+use crate::wire::{self, RemoteError, Request};
 
 /// Shared by every consumer of the daemon.
 pub struct Dispatcher {
@@ -185,12 +185,11 @@ impl Dispatcher {
             let _enter = span.enter();
             runtime.invoke(&module, &method, &args, context, &limits)
         });
-        let heartbeat = request.timeout.filter(|t| *t >= 2.0).and_then(|t| {
-            let key = request.reply_routing_key()?;
-            let msg_id = request.msg_id.as_deref()?;
-            (request.dialect == Dialect::Oslo)
-                .then(|| (Duration::from_secs_f64(t / 2.0), key, msg_id))
-        });
+        let heartbeat = request
+            .heartbeat_interval()
+            .zip(request.reply_routing_key())
+            .zip(request.msg_id.as_deref())
+            .map(|((every, key), msg_id)| (every, key, msg_id));
         let joined = match heartbeat {
             None => work.await,
             Some((every, key, msg_id)) => {
@@ -238,40 +237,13 @@ impl Dispatcher {
         let Some(key) = request.reply_routing_key() else {
             return Ok(());
         };
-        let msg_id = request.msg_id.as_deref().unwrap_or_default();
-        let bodies: Vec<Vec<u8>> = match (&request.dialect, outcome) {
-            (Dialect::Oslo, Ok(results)) => {
-                // oslo keeps one result per call; a streaming guest's last one is `call`'s answer.
-                let last = results.last().map(|r| &**r);
-                vec![wire::encode_oslo_reply(
-                    msg_id,
-                    last,
-                    None,
-                    true,
-                    request.enveloped,
-                )]
-            }
-            (Dialect::Oslo, Err(f)) => {
-                vec![wire::encode_oslo_reply(
-                    msg_id,
-                    None,
-                    Some(&remote_error(&f, &request.method)),
-                    true,
-                    request.enveloped,
-                )]
-            }
-            (_, Ok(results)) => {
-                let mut bodies: Vec<Vec<u8>> = results
-                    .iter()
-                    .map(|r| wire::encode_nova_result(r))
-                    .collect();
-                bodies.push(wire::encode_nova_ending());
-                bodies
-            }
-            (dialect, Err(f)) => vec![wire::encode_nova_failure(
-                *dialect,
-                &remote_error(&f, &request.method),
-            )],
+        // The reply table per dialect (who gets every streamed result, who only the last,
+        // where the terminator goes) belongs to the wire codec.
+        let bodies: Vec<Vec<u8>> = match outcome {
+            Ok(results) => wire::encode_success(request, results.iter().map(|r| &**r)),
+            Err(f) => wire::encode_failure(request, &remote_error(&f, &request.method))
+                .into_iter()
+                .collect(),
         };
         for body in bodies {
             match self
@@ -303,30 +275,16 @@ fn reply_options() -> PublishOptions {
     }
 }
 
-/// How a remote caller sees a handler failure. `NoSuchMethod` takes oslo's own module so an
-/// oslo client recognises it; everything else is a Warren error.
+/// How a remote caller sees a handler failure. `NoSuchMethod` takes oslo's own module and text
+/// so an oslo client recognises it; everything else is a Warren error carrying the guest's data.
 pub fn remote_error(f: &Failure, method: &str) -> RemoteError {
-    let mut kwargs = serde_json::Map::new();
-    if let Some(data) = &f.data {
-        kwargs.insert("data".into(), data.clone());
+    if f.class == class::NO_SUCH_METHOD {
+        return RemoteError::no_such_method(truncate(method, 255));
     }
-    let module = if f.class == class::NO_SUCH_METHOD {
-        "oslo_messaging.rpc.dispatcher"
-    } else {
-        "warren"
-    };
-    let args = if f.class == class::NO_SUCH_METHOD {
-        vec![serde_json::Value::String(truncate(method, 255).to_owned())]
-    } else {
-        vec![serde_json::Value::String(f.message.clone())]
-    };
-    RemoteError {
-        class: f.class.clone(),
-        module: module.to_owned(),
-        message: f.message.clone(),
-        tb: Vec::new(),
-        args,
-        kwargs,
+    let err = RemoteError::new(f.class.clone(), f.message.clone());
+    match &f.data {
+        Some(data) => err.with_data(data.clone()),
+        None => err,
     }
 }
 

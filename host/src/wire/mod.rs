@@ -6,9 +6,11 @@
 //! inputs are fresh uuid4s for `_unique_id`/`message_id` and the clock for notification
 //! timestamps.
 //!
-//! **Invariant:** no input makes it panic or recurse without bound. Decoding first counts
-//! bracket depth in one flat pass ([`Limits::max_depth`]), so a 10 000-deep `[[[…` fails with
-//! [`DecodeError::TooDeep`] before serde_json or a `Value` destructor can recurse into it.
+//! **Invariant:** no input makes it panic or recurse without bound. serde_json refuses
+//! input nested deeper than 127 levels, which keeps parsing and dropping values stack-safe;
+//! on top of that a flat, non-recursive bracket scan enforces [`Limits::max_depth`] on every
+//! message before anything from it is returned, so a 10 000-deep `[[[…` fails with
+//! [`DecodeError::TooDeep`].
 //! The caller caps the body size before decoding.
 //!
 //! # Requests
@@ -17,19 +19,21 @@
 //!
 //! | request | dialect | success replies | failure reply |
 //! |---|---|---|---|
-//! | enveloped (oslo.messaging, nova ≥ 2013.2) | `Oslo` | one enveloped `{result, failure: null, ending: true, _msg_id, _unique_id}` | same with `result: null`, `failure: "<json>"` |
-//! | flat with `_reply_q` (nova 2013.1) | `Oslo` | flat `{result, …, ending: false}` per value, then `{result: null, …, ending: true}` | one flat message, `failure: "<json>"` |
+//! | enveloped with `_timeout` (oslo.messaging ≥ 6.3) | `Oslo`, `single_reply` | one `{result, failure: null, ending: true, _msg_id, _unique_id}` | one with `result: null`, `failure: "<json>"` |
+//! | enveloped without `_timeout` (nova 2013.2, oslo.messaging < 6.3), or flat with `_reply_q` (nova 2013.1) | `Oslo` | `{result, …, ending: false}` per value, then `{result: null, …, ending: true}` | as above |
 //! | flat, no `_reply_q`, has `version`/`namespace`/`_unique_id` (nova 2012.2–2013.1) | `NovaFolsom` | `{result, failure: null}` per value, then `{result: null, failure: null, ending: true}` | `{result: null, failure: "<json>"}` |
 //! | flat, none of those (nova 2011.3/2012.1) | `NovaEssex` | as `NovaFolsom` | `{result: null, failure: [class, message, tb]}` |
 //!
-//! [`encode_success`] and [`encode_failure`] apply this table; the single-message encoders
-//! below it are public for the client library and for tests. Two consequences of the
-//! sources are baked in: a modern oslo client must get exactly one message, because a
-//! `result: null, ending: false` message is a call-monitor heartbeat to it and crashes a
-//! client without a monitor (§3b caveat); and a nova-era client ignores the `result` of a
-//! message that also says `ending`, so nova callers get the value and the terminator as two
-//! messages (§3a). Diablo callers treat the Essex terminator as the end of the stream
-//! because its `result` is null, so they need no dialect of their own.
+//! oslo replies are enveloped exactly when the request was. [`encode_success`] and
+//! [`encode_failure`] apply this table; the single-message encoders are public for the
+//! client library and for tests. The split of the oslo rows comes from two client
+//! behaviours: before oslo.messaging 2.x (and in all of nova) a client checks `ending`
+//! before `result`, so a value sent together with `ending` is lost (§3a); since 6.3 a
+//! `result: null, ending: false` message is a call-monitor heartbeat, which crashes a
+//! client that set no monitor (§3b caveat). The `_timeout` key tells the two eras apart,
+//! so modern callers still get a single message. Diablo callers treat the Essex
+//! terminator as the end of the stream because its `result` is null, so they need no
+//! dialect of their own.
 //!
 //! Replies always go to the default exchange `""` with routing key
 //! [`Request::reply_routing_key`] (§1b interop note). [`valid_reply_queue`] keeps a request
@@ -91,7 +95,8 @@ pub enum Dialect {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Deepest nesting of arrays and objects, counting the message object itself as 1.
-    /// It applies separately to the envelope, the message inside it and a failure string.
+    /// It applies to a flat message, to the message inside an envelope (whose other keys
+    /// are dropped unread) and to a failure string, each on its own.
     /// Values above 127 are moot: serde_json refuses deeper input on its own.
     pub max_depth: usize,
     /// Longest method name, in bytes.
@@ -186,7 +191,7 @@ struct Fields<'a> {
     failure: Option<&'a RawValue>,
     ending: Option<&'a RawValue>,
     envelope_version: Option<&'a RawValue>,
-    envelope_message: Option<&'a RawValue>,
+    envelope_message: Option<EnvelopeMessage>,
     /// `_context_*` entries with the prefix removed, as oslo's `unpack_context` does.
     context: Map<String, Value>,
 }
@@ -268,7 +273,10 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                         Key::Failure => &mut fields.failure,
                         Key::Ending => &mut fields.ending,
                         Key::EnvelopeVersion => &mut fields.envelope_version,
-                        Key::EnvelopeMessage => &mut fields.envelope_message,
+                        Key::EnvelopeMessage => {
+                            fields.envelope_message = Some(map.next_value()?);
+                            continue;
+                        }
                         Key::Context(name) => {
                             fields.context.insert(name, map.next_value()?);
                             continue;
@@ -287,6 +295,57 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
+/// The `oslo.message` value. It is decoded straight into a `String` during the outer parse,
+/// because holding it as raw text first meant scanning the bulk of the body once more;
+/// other types are kept apart rather than failing, since without `oslo.version` they are
+/// just a key of a flat message.
+enum EnvelopeMessage {
+    Text(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for EnvelopeMessage {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MessageVisitor;
+        impl<'de> Visitor<'de> for MessageVisitor {
+            type Value = EnvelopeMessage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Text(text.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Text(text))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<EnvelopeMessage, E> {
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(EnvelopeMessage::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(EnvelopeMessage::Other)
+            }
+        }
+        deserializer.deserialize_any(MessageVisitor)
+    }
+}
+
 /// Decodes a body into its fields, unwrapping an oslo envelope. The message text inside
 /// an envelope is handed to `with` because the fields borrow from it.
 fn decode_fields<T>(
@@ -295,10 +354,20 @@ fn decode_fields<T>(
     with: impl FnOnce(Fields<'_>, bool) -> Result<T, DecodeError>,
 ) -> Result<T, DecodeError> {
     let text = std::str::from_utf8(body).map_err(|_| DecodeError::NotUtf8)?;
-    let outer = parse_object(text, limits)?;
+    // Parsing before the depth scan is safe: serde_json stops at 128 levels on its own. It
+    // spares an envelope's scan, whose other keys oslo ignores and Warren drops unread.
+    let mut outer = match parse_object(text) {
+        Ok(outer) => outer,
+        Err(err) => {
+            check_depth(text, limits.max_depth)?;
+            return Err(err);
+        }
+    };
     // oslo's deserialize_msg unwraps only when both keys are present; anything else is a
     // flat message, whatever else it contains.
-    let (Some(version), Some(message)) = (outer.envelope_version, outer.envelope_message) else {
+    let (Some(version), Some(message)) = (outer.envelope_version, outer.envelope_message.take())
+    else {
+        check_depth(text, limits.max_depth)?;
         return with(outer, false);
     };
     let version: String = serde_json::from_str(version.get())
@@ -307,13 +376,14 @@ fn decode_fields<T>(
     if major.parse::<u32>().ok() != Some(2) {
         return Err(DecodeError::UnsupportedEnvelope(version));
     }
-    let inner: String = serde_json::from_str(message.get())
-        .map_err(|_| DecodeError::BadEnvelope("oslo.message is not a JSON string"))?;
-    with(parse_object(&inner, limits)?, true)
+    let EnvelopeMessage::Text(inner) = message else {
+        return Err(DecodeError::BadEnvelope("oslo.message is not a string"));
+    };
+    check_depth(&inner, limits.max_depth)?;
+    with(parse_object(&inner)?, true)
 }
 
-fn parse_object<'a>(text: &'a str, limits: &Limits) -> Result<Fields<'a>, DecodeError> {
-    check_depth(text, limits.max_depth)?;
+fn parse_object(text: &str) -> Result<Fields<'_>, DecodeError> {
     if !text.trim_start().starts_with('{') {
         // Say "not an object" only for valid JSON, so garbage is reported as garbage.
         serde_json::from_str::<IgnoredAny>(text)?;

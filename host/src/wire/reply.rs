@@ -257,7 +257,8 @@ pub fn encode_nova_failure(dialect: Dialect, err: &RemoteError) -> Vec<u8> {
 
 /// The replies for a successful call, in sending order; empty for a cast. `results` holds
 /// the method's values: usually one, several for a nova multicall, none for a method that
-/// returns nothing. oslo callers get only the last one, since they keep only that (§3b).
+/// returns nothing. A [`Request::single_reply`] caller gets one message with the last value,
+/// the only one it keeps (§3b); everyone else gets each value, then the terminator.
 pub fn encode_success<'a>(
     req: &Request,
     results: impl IntoIterator<Item = &'a RawValue>,
@@ -266,19 +267,16 @@ pub fn encode_success<'a>(
         return Vec::new();
     };
     match req.dialect {
-        Dialect::Oslo if req.enveloped => {
-            vec![encode_oslo_reply(
-                msg_id,
-                results.into_iter().last(),
-                None,
-                true,
-                true,
-            )]
+        Dialect::Oslo if req.single_reply => {
+            let last = results.into_iter().last();
+            vec![encode_oslo_reply(msg_id, last, None, true, req.enveloped)]
         }
+        // Safe only because these callers predate call-monitor heartbeats, which a null
+        // `result` without `ending` would look like.
         Dialect::Oslo => results
             .into_iter()
-            .map(|result| encode_oslo_reply(msg_id, Some(result), None, false, false))
-            .chain([encode_oslo_reply(msg_id, None, None, true, false)])
+            .map(|result| encode_oslo_reply(msg_id, Some(result), None, false, req.enveloped))
+            .chain([encode_oslo_reply(msg_id, None, None, true, req.enveloped)])
             .collect(),
         Dialect::NovaFolsom | Dialect::NovaEssex => results
             .into_iter()

@@ -20,6 +20,11 @@ pub struct Request {
     pub dialect: Dialect,
     /// Whether it came in an oslo envelope; oslo replies copy this.
     pub enveloped: bool,
+    /// Whether the caller takes its result and `ending` in one message. Only
+    /// oslo.messaging ≥ 6.3 is known to, and it is recognised by the `_timeout` key it puts
+    /// on every call; older oslo and nova callers drop the `result` of a message that also
+    /// says `ending` (§3a, and oslo.messaging 1.x's `_process_reply`).
+    pub single_reply: bool,
     /// The method to invoke.
     pub method: String,
     /// Keyword arguments, verbatim from the wire. Always a JSON object: `{}` when the
@@ -129,6 +134,7 @@ fn request_from(
     Ok(Request {
         dialect,
         enveloped,
+        single_reply: enveloped && fields.timeout.is_some(),
         method,
         args,
         context: fields.context,
@@ -227,8 +233,11 @@ pub fn encode_request(req: &OutgoingRequest<'_>, unique_id: &str) -> Vec<u8> {
     encode(&WireRequest { req, unique_id }, true, req.args.get().len())
 }
 
-/// Encodes a request as nova 2011–2012 callers did: the flat dict without an envelope. Only
-/// nova-era servers and Warren read it; `multicall` uses it so each streamed result comes back.
+/// Encodes the same dict without the envelope, as nova 2011–2013.1 callers did. Only
+/// nova-era servers and Warren read it; a nova-style multicall (no `reply_q`, replies on a
+/// queue named `msg_id`) uses it so each streamed result comes back. nova-era servers ignore
+/// the keys they predate; Warren takes the `_unique_id` as the mark of a post-Essex caller
+/// and answers with [`Dialect::NovaFolsom`] replies, whose failures keep `module` and `kwargs`.
 pub fn encode_request_flat(req: &OutgoingRequest<'_>, unique_id: &str) -> Vec<u8> {
     encode(&WireRequest { req, unique_id }, false, req.args.get().len())
 }

@@ -133,7 +133,7 @@ fn unique_id_or_namespace_without_version_is_still_folsom() {
 fn oslo_call_decodes_and_replies_with_one_enveloped_message() {
     let req = decode_request(&envelope(&oslo_call())).unwrap();
     assert_eq!(req.dialect, Dialect::Oslo);
-    assert!(req.enveloped);
+    assert!(req.enveloped && req.single_reply);
     assert_eq!(req.method, "echo");
     assert_eq!(req.version.as_deref(), Some("5.0"));
     assert_eq!(req.timeout, None);
@@ -196,6 +196,48 @@ fn flat_call_with_reply_q_is_grizzly_and_gets_value_then_terminator() {
     );
     assert_eq!(first["_msg_id"], MSG_ID);
     assert_ne!(first["_unique_id"], last["_unique_id"]);
+}
+
+#[test]
+fn oslo_callers_without_timeout_key_get_value_then_terminator() {
+    let mut call = oslo_call();
+    call.as_object_mut().unwrap().remove("_timeout");
+    let req = decode_request(&envelope(&call)).unwrap();
+    assert!(req.enveloped && !req.single_reply);
+    let replies = encode_success(&req, [&*raw(json!(42))]);
+    assert_eq!(replies.len(), 2);
+    let (first, last) = (unwrap_envelope(&replies[0]), unwrap_envelope(&replies[1]));
+    assert_eq!(
+        (first["result"].clone(), first["ending"].clone()),
+        (json!(42), json!(false))
+    );
+    assert_eq!(
+        (last["result"].clone(), last["ending"].clone()),
+        (json!(null), json!(true))
+    );
+    let failure = unwrap_envelope(&encode_failure(&req, &value_error()).unwrap());
+    assert_eq!(failure["ending"], true);
+}
+
+#[test]
+fn flat_requests_for_nova_servers() {
+    let (args, ctx) = (raw(json!({"value": 42})), context());
+    let call = OutgoingRequest {
+        method: "echo",
+        args: &args,
+        context: &ctx,
+        msg_id: Some(MSG_ID),
+        reply_q: None,
+        timeout: None,
+        version: None,
+        namespace: None,
+    };
+    let body = encode_request_flat(&call, "77aa");
+    assert_eq!(parse(&body)["_context_user_id"], "u1");
+    let req = decode_request(&body).unwrap();
+    assert_eq!((req.dialect, req.enveloped), (Dialect::NovaFolsom, false));
+    assert_eq!(req.reply_routing_key(), Some(MSG_ID));
+    assert_eq!(encode_success(&req, [&*args]).len(), 2);
 }
 
 #[test]
