@@ -16,7 +16,13 @@ fn echo_module() -> PathBuf {
     let path = root.join("plugins/target/wasm32-wasip1/release/echo.wasm");
     if !path.exists() {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "--manifest-path",
+            ])
             .arg(root.join("plugins/Cargo.toml"))
             .status()
             .expect("cargo runs");
@@ -25,21 +31,53 @@ fn echo_module() -> PathBuf {
     path
 }
 
+const MINIMAL_ECHO: &str = r#"(module
+  (import "warren_v1" "input_len" (func $input_len (result i32)))
+  (import "warren_v1" "input_read" (func $input_read (param i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "echo_args") (result i32)
+    (call $input_read (i32.const 0))
+    (call $output_write (i32.const 0) (call $input_len))
+    i32.const 0))"#;
+
 fn bench(c: &mut Criterion) {
     let runtime = Runtime::new(&EngineSettings::small()).expect("runtime");
     let bytes = std::fs::read(echo_module()).expect("echo.wasm");
-    let module = runtime.load("echo", &bytes, &Limits::DEFAULT).expect("loads");
+    let module = runtime
+        .load("echo", &bytes, &Limits::DEFAULT)
+        .expect("loads");
     // 100 bytes exactly: {"value":"xxxx…"}
     let args_text = format!("{{\"value\":\"{}\"}}", "x".repeat(100 - 12));
     assert_eq!(args_text.len(), 100);
     let args = parse_args(&args_text).expect("args");
     let context: Arc<[u8]> = Arc::from(&b"{}"[..]);
     let limits = Limits::DEFAULT;
-    let out = runtime.invoke(&module, "echo", &args, context.clone(), &limits).expect("echo works");
+    let out = runtime
+        .invoke(&module, "echo", &args, context.clone(), &limits)
+        .expect("echo works");
     assert_eq!(out.len(), 1);
 
     c.bench_function("invoke echo 100B, fresh sandbox", |b| {
-        b.iter(|| runtime.invoke(&module, "echo", &args, context.clone(), &limits).expect("echo works"))
+        b.iter(|| {
+            runtime
+                .invoke(&module, "echo", &args, context.clone(), &limits)
+                .expect("echo works")
+        })
+    });
+
+    // The same call on a minimal hand-written module (one page of memory, no WASI imports):
+    // the difference to the figure above is what the Rust guest itself costs.
+    let minimal = runtime
+        .load("minimal", MINIMAL_ECHO.as_bytes(), &limits)
+        .expect("minimal module loads");
+    c.bench_function("invoke minimal WAT echo 100B (host overhead)", |b| {
+        b.iter(|| {
+            runtime
+                .invoke(&minimal, "echo_args", &args, context.clone(), &limits)
+                .expect("works")
+        })
     });
 }
 

@@ -73,6 +73,10 @@ pub struct Server {
     pub dedup_window: usize,
     /// Largest message body accepted; bigger ones are rejected before parsing.
     pub max_message_bytes: usize,
+    /// Where compiled modules are cached across restarts; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Reload modules and the config when their files change.
+    pub watch: bool,
 }
 
 /// One `[[handler]]`.
@@ -116,6 +120,8 @@ struct ServerFile {
     shutdown_timeout_secs: Option<u64>,
     dedup_window: Option<usize>,
     max_message_bytes: Option<usize>,
+    cache_dir: Option<PathBuf>,
+    watch: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +234,12 @@ impl Config {
             shutdown_timeout: Duration::from_secs(file.server.shutdown_timeout_secs.unwrap_or(30)),
             dedup_window: file.server.dedup_window.unwrap_or(4096),
             max_message_bytes: file.server.max_message_bytes.unwrap_or(1 << 20),
+            cache_dir: match file.server.cache_dir {
+                Some(dir) if dir.as_os_str().is_empty() => None,
+                Some(dir) => Some(base.join(dir)),
+                None => default_cache_dir(&env),
+            },
+            watch: file.server.watch.unwrap_or(true),
         };
 
         let mut handlers: Vec<Handler> = Vec::with_capacity(file.handler.len());
@@ -286,6 +298,15 @@ impl Config {
             handlers,
         })
     }
+}
+
+/// `$XDG_CACHE_HOME/warren/modules`, else `$HOME/.cache/warren/modules`.
+fn default_cache_dir(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    env("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|d| d.join("warren/modules"))
 }
 
 /// Topic and server names end up in queue names and routing keys; keep them to what oslo uses.

@@ -25,6 +25,35 @@ use crate::registry::Handler;
 use crate::runtime::{Failure, Runtime, class};
 use crate::wire::{self, RemoteError, Request};
 
+/// What answers the requests of one queue: a Wasm handler, or the daemon's admin topic.
+pub trait Service: Send + Sync {
+    /// The topic, for logs.
+    fn topic(&self) -> &str;
+    /// Produce the results (or the failure) for a decoded request.
+    fn serve(
+        &self,
+        dispatcher: &Dispatcher,
+        request: &Request,
+    ) -> impl std::future::Future<Output = Result<Vec<Box<RawValue>>, Failure>> + Send;
+}
+
+impl Service for Handler {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    async fn serve(
+        &self,
+        dispatcher: &Dispatcher,
+        request: &Request,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
+        // Taken once: the whole invocation runs on this version even if a reload swaps.
+        let version = self.current();
+        tracing::Span::current().record("version", version.id);
+        dispatcher.invoke(self, &version.module, request).await
+    }
+}
+
 /// Shared by every consumer of the daemon.
 pub struct Dispatcher {
     runtime: Arc<Runtime>,
@@ -62,14 +91,14 @@ impl Dispatcher {
 
     /// Handle one delivery from a queue of `handler` and settle it (ack or reject). Never
     /// panics and never returns an error: every outcome is logged here.
-    pub async fn handle(&self, handler: &Handler, queue: &str, delivery: Delivery) {
+    pub async fn handle<S: Service>(&self, service: &S, queue: &str, delivery: Delivery) {
         let tag = delivery.tag();
-        let span = tracing::info_span!("delivery", topic = %handler.topic, queue, tag,
+        let span = tracing::info_span!("delivery", topic = %service.topic(), queue, tag,
             method = tracing::field::Empty, msg_id = tracing::field::Empty,
             unique_id = tracing::field::Empty, version = tracing::field::Empty,
             outcome = tracing::field::Empty);
         async {
-            let settle = self.process(handler, &delivery).await;
+            let settle = self.process(service, &delivery).await;
             tracing::Span::current().record("outcome", settle.as_str());
             let settled = settle_delivery(&delivery, &settle).await;
             // Remember the id only once the ack went out: a redelivery of a request whose ack
@@ -90,7 +119,7 @@ impl Dispatcher {
         .await
     }
 
-    async fn process(&self, handler: &Handler, delivery: &Delivery) -> Settle {
+    async fn process<S: Service>(&self, service: &S, delivery: &Delivery) -> Settle {
         let body = delivery.body();
         if body.len() > self.max_message_bytes {
             warn!(
@@ -126,9 +155,7 @@ impl Dispatcher {
             }
         }
 
-        let version = handler.current();
-        span.record("version", version.id);
-        let outcome = self.invoke(handler, &version.module, &request).await;
+        let outcome = service.serve(self, &request).await;
         if let Err(f) = &outcome {
             if request.wants_reply() {
                 info!(class = %f.class, error = %f.message, "handler failed; failure sent to caller");
@@ -147,7 +174,8 @@ impl Dispatcher {
         }
     }
 
-    async fn invoke(
+    /// Run the request's method on `module` in a sandbox, on a blocking thread.
+    pub async fn invoke(
         &self,
         handler: &Handler,
         module: &crate::runtime::Module,

@@ -4,6 +4,7 @@
 //! Layout (see ARCHITECTURE.md for the full code map and the invariants):
 //! - [`runtime`]: wasmtime engine, module loading, guest ABI v1, one sandbox per invocation.
 
+mod admin;
 pub mod amqp;
 pub mod client;
 pub mod config;
@@ -11,4 +12,5 @@ pub mod dispatch;
 pub mod registry;
 pub mod runtime;
 pub mod server;
+pub mod watch;
 pub mod wire;

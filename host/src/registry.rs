@@ -1,17 +1,19 @@
-//! Topic → handler, and the module version each handler serves right now.
+//! Topic → handler, each handler's module versions, and validate-then-swap reloading.
 //!
 //! A handler's current version sits behind an `ArcSwap`: an invocation takes an `Arc` of the
 //! version when it starts and keeps it to the end, so swapping in a new version never disturbs
 //! requests already running, and the old code is freed when the last of them finishes.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
 
-use crate::runtime::{Limits, Module};
+use crate::runtime::{Limits, Module, ModuleCache, Runtime};
 
 /// One version of a handler's module.
 pub struct Version {
@@ -23,6 +25,20 @@ pub struct Version {
     pub loaded_at: SystemTime,
 }
 
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file has the bytes already serving (or the bytes that failed last time).
+    Unchanged,
+    /// A new version serves from now on.
+    Swapped {
+        /// Its version id.
+        id: u64,
+    },
+    /// The file could not be used; the previous version keeps serving.
+    Failed(String),
+}
+
 /// A configured handler: a topic served by a module file.
 pub struct Handler {
     /// The topic.
@@ -32,6 +48,33 @@ pub struct Handler {
     /// Sandbox limits for every invocation.
     pub limits: Limits,
     current: ArcSwap<Version>,
+    previous: Mutex<Option<Arc<Version>>>,
+    next_id: Mutex<u64>,
+    last_error: Mutex<Option<(SystemTime, String)>>,
+    /// Hash of the last file that failed, so an unchanged bad file is not retried and re-logged
+    /// on every event; the next change is tried again.
+    last_failed: Mutex<Option<[u8; 32]>>,
+}
+
+/// A handler's state as `warren status` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct HandlerStatus {
+    /// The topic.
+    pub topic: String,
+    /// The module file.
+    pub module: String,
+    /// Current version id.
+    pub version: u64,
+    /// First bytes of the current module's SHA-256, hex.
+    pub hash: String,
+    /// Callable methods.
+    pub methods: Vec<String>,
+    /// When the current version was loaded (seconds since the Unix epoch).
+    pub loaded_at: u64,
+    /// Whether a previous version is kept for rollback.
+    pub can_roll_back: bool,
+    /// The last reload failure, if the latest attempt failed.
+    pub last_error: Option<String>,
 }
 
 impl Handler {
@@ -47,6 +90,10 @@ impl Handler {
             path,
             limits,
             current: ArcSwap::from_pointee(version),
+            previous: Mutex::new(None),
+            next_id: Mutex::new(2),
+            last_error: Mutex::new(None),
+            last_failed: Mutex::new(None),
         }
     }
 
@@ -55,38 +102,132 @@ impl Handler {
         self.current.load_full()
     }
 
-    /// Serve `module` from now on; returns the version it replaced.
-    pub fn swap(&self, module: Module) -> Arc<Version> {
-        let next = Version {
-            id: self.current.load().id + 1,
+    /// Serve `module` from now on; the version it replaces is kept for rollback.
+    pub fn swap(&self, module: Module) -> u64 {
+        let id = {
+            let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
+            let id = *next;
+            *next += 1;
+            id
+        };
+        let old = self.current.swap(Arc::new(Version {
+            id,
             module,
             loaded_at: SystemTime::now(),
+        }));
+        *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
+        id
+    }
+
+    /// Go back to the previous version; the current one becomes the previous.
+    pub fn rollback(&self) -> Result<u64, String> {
+        let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(back) = previous.take() else {
+            return Err(format!("handler '{}' has no previous version", self.topic));
         };
-        self.current.swap(Arc::new(next))
+        let id = back.id;
+        *previous = Some(self.current.swap(back));
+        Ok(id)
+    }
+
+    /// Re-read the module file and, if its bytes changed, validate and swap them in: compile
+    /// (or take from `cache`), pre-link, instantiate once as a smoke test. Blocking; call it
+    /// off the async runtime. A file that fails any step never serves.
+    pub fn reload(&self, runtime: &Runtime, cache: Option<&ModuleCache>) -> Reloaded {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) => {
+                return self.failed(None, format!("cannot read {}: {e}", self.path.display()));
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if &hash == self.current().module.sha256()
+            || *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash)
+        {
+            return Reloaded::Unchanged;
+        }
+        if bytes.is_empty() {
+            return self.failed(
+                Some(hash),
+                format!("{} is empty (a write in progress?)", self.path.display()),
+            );
+        }
+        match runtime.load_cached(&self.topic, &bytes, &self.limits, cache) {
+            Ok((module, _)) => {
+                let id = self.swap(module);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Reloaded::Swapped { id }
+            }
+            Err(e) => self.failed(Some(hash), format!("{}: {e}", self.path.display())),
+        }
+    }
+
+    fn failed(&self, hash: Option<[u8; 32]>, message: String) -> Reloaded {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((SystemTime::now(), message.clone()));
+        if hash.is_some() {
+            *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+        }
+        Reloaded::Failed(message)
+    }
+
+    /// What `warren status` shows.
+    pub fn status(&self) -> HandlerStatus {
+        let v = self.current();
+        HandlerStatus {
+            topic: self.topic.clone(),
+            module: self.path.display().to_string(),
+            version: v.id,
+            hash: v.module.hash_prefix(),
+            methods: v.module.methods().map(str::to_owned).collect(),
+            loaded_at: v
+                .loaded_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            can_roll_back: self.previous.lock().map(|p| p.is_some()).unwrap_or(false),
+            last_error: self
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.as_ref().map(|(_, m)| m.clone())),
+        }
     }
 }
 
-/// All handlers, by topic.
+/// All handlers, by topic. Shared between the consumers, the reloader and the admin topic.
 #[derive(Default)]
 pub struct Registry {
-    handlers: HashMap<String, Arc<Handler>>,
+    handlers: RwLock<BTreeMap<String, Arc<Handler>>>,
 }
 
 impl Registry {
     /// Add (or replace) a handler.
-    pub fn insert(&mut self, handler: Handler) -> Arc<Handler> {
-        let handler = Arc::new(handler);
-        self.handlers.insert(handler.topic.clone(), handler.clone());
-        handler
+    pub fn insert(&self, handler: Arc<Handler>) {
+        self.write().insert(handler.topic.clone(), handler);
+    }
+
+    /// Remove a handler.
+    pub fn remove(&self, topic: &str) -> Option<Arc<Handler>> {
+        self.write().remove(topic)
     }
 
     /// The handler for `topic`.
-    pub fn get(&self, topic: &str) -> Option<&Arc<Handler>> {
-        self.handlers.get(topic)
+    pub fn get(&self, topic: &str) -> Option<Arc<Handler>> {
+        self.read().get(topic).cloned()
     }
 
-    /// Every handler, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Handler>> {
-        self.handlers.values()
+    /// Every handler, by topic.
+    pub fn all(&self) -> Vec<Arc<Handler>> {
+        self.read().values().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Handler>>> {
+        self.handlers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Handler>>> {
+        self.handlers.write().unwrap_or_else(|p| p.into_inner())
     }
 }

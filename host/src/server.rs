@@ -1,19 +1,25 @@
-//! The daemon: load handlers, declare oslo's topology, consume, dispatch, and shut down in
-//! order (stop intake, drain in-flight work, close).
+//! The daemon: load handlers, declare oslo's topology, consume, dispatch, reload what changes on
+//! disk, answer the admin topic, and shut down in order (stop intake, drain in-flight work,
+//! close).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::admin::Admin;
 use crate::amqp::{Channel, Connection, Consumer, Kind, QueueSpec};
-use crate::config::{Config, redact_url};
-use crate::dispatch::{DispatchSettings, Dispatcher};
-use crate::registry::{Handler, Registry};
-use crate::runtime::{EngineSettings, Runtime};
+use crate::config::{self, Config, redact_url};
+use crate::dispatch::{DispatchSettings, Dispatcher, Service};
+use crate::registry::{Handler, Registry, Reloaded};
+use crate::runtime::{EngineSettings, ModuleCache, Runtime};
+use crate::watch::{self, Watcher};
 
 /// oslo's `rabbit_transient_queues_ttl` default: unused fanout queues expire after 30 minutes.
 const FANOUT_QUEUE_EXPIRES_MS: u32 = 1_800_000;
@@ -43,56 +49,83 @@ impl TopicQueues {
     }
 }
 
+/// The admin topic of server `name`: `warren.<name>`.
+pub fn admin_topic(name: &str) -> String {
+    format!("warren.{name}")
+}
+
+/// A handler being served: its consumers and the tasks handling its deliveries.
+struct Serving {
+    handler: Arc<Handler>,
+    config: config::Handler,
+    channel: Channel,
+    /// Cancelling stops this handler's intake; a child of the daemon's token.
+    cancel: CancellationToken,
+    /// This handler's consumer loops and in-flight deliveries, awaited when it is removed.
+    tasks: TaskTracker,
+}
+
+/// Everything the daemon's tasks share.
+pub(crate) struct Daemon {
+    pub(crate) config: Mutex<Config>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) cache: Option<ModuleCache>,
+    pub(crate) registry: Registry,
+    consume_conn: Connection,
+    dispatcher: Arc<Dispatcher>,
+    serving: Mutex<HashMap<String, Serving>>,
+    watcher: std::sync::Mutex<Option<Watcher>>,
+    cancel: CancellationToken,
+}
+
 /// Run the daemon until `shutdown` resolves (or a fatal broker error), then drain and close.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let settings = EngineSettings {
+        // Room for handlers added by a config reload, up to the pool's slot size.
         max_memory_bytes: config
             .handlers
             .iter()
             .map(|h| h.limits.memory_bytes)
             .max()
-            .unwrap_or(64 << 20),
+            .unwrap_or(0)
+            .max(64 << 20),
         // Room for every running invocation plus the smoke tests of reloads.
         max_instances: (config.server.concurrency as u32)
             .saturating_mul(2)
             .saturating_add(8),
     };
     let runtime = Arc::new(Runtime::new(&settings)?);
-    info!(allocator = ?runtime.allocator(), "wasm runtime ready");
+    let cache = config.server.cache_dir.clone().map(ModuleCache::new);
+    info!(allocator = ?runtime.allocator(), cache = ?cache.as_ref().map(|c| c.dir()), "wasm runtime ready");
 
-    let mut registry = Registry::default();
-    for h in &config.handlers {
-        let bytes = tokio::fs::read(&h.module).await.with_context(|| {
-            format!("handler '{}': cannot read {}", h.topic, h.module.display())
-        })?;
-        let (rt, topic, limits) = (runtime.clone(), h.topic.clone(), h.limits.clone());
-        let module = tokio::task::spawn_blocking(move || rt.load(&topic, &bytes, &limits))
-            .await?
-            .with_context(|| {
-                format!("handler '{}': cannot load {}", h.topic, h.module.display())
-            })?;
-        info!(topic = %h.topic, module = %h.module.display(), hash = %module.hash_prefix(),
-            methods = %module.methods().collect::<Vec<_>>().join(","), "handler loaded");
-        registry.insert(Handler::new(
-            h.topic.clone(),
-            h.module.clone(),
-            h.limits.clone(),
-            module,
-        ));
+    // Load every module before touching the broker: a bad config fails fast and clearly.
+    let mut loaded = Vec::new();
+    let loads: Vec<_> = config
+        .handlers
+        .iter()
+        .map(|h| {
+            let (rt, cache, h) = (runtime.clone(), cache.clone(), h.clone());
+            tokio::task::spawn_blocking(move || {
+                load_handler(&rt, cache.as_ref(), &h).map(|m| (h, m))
+            })
+        })
+        .collect();
+    for load in loads {
+        loaded.push(load.await??);
     }
 
-    let name = &config.server.name;
-    let url = &config.broker.url;
-    info!(broker = %redact_url(url), exchange = %config.broker.exchange, server = %name, "connecting");
+    let name = config.server.name.clone();
+    let url = config.broker.url.clone();
+    info!(broker = %redact_url(&url), exchange = %config.broker.exchange, server = %name, "connecting");
     // Separate connections: a resource alarm blocks publishers, and must not stop consumption.
     let consume_conn = Connection::open(
-        url,
+        &url,
         &format!("warren-{name}-consume"),
         config.broker.heartbeat,
     )
     .await?;
     let publish_conn = Connection::open(
-        url,
+        &url,
         &format!("warren-{name}-publish"),
         config.broker.heartbeat,
     )
@@ -107,15 +140,120 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             max_message_bytes: config.server.max_message_bytes,
         },
     ));
+    let watching = config.server.watch;
+    let config_path = watch::absolute(&config.path);
+    let daemon = Arc::new(Daemon {
+        config: Mutex::new(config),
+        runtime,
+        cache,
+        registry: Registry::default(),
+        consume_conn,
+        dispatcher,
+        serving: Mutex::new(HashMap::new()),
+        watcher: std::sync::Mutex::new(None),
+        cancel: CancellationToken::new(),
+    });
+    let background = TaskTracker::new();
 
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut channels = Vec::new();
-    for handler in registry.iter() {
-        let channel = consume_conn.channel().await?;
+    if watching {
+        let (raw_tx, raw_rx) = mpsc::channel(256);
+        let mut watcher = Watcher::new(raw_tx).context("cannot start the file watcher")?;
+        watcher
+            .add(&config_path)
+            .with_context(|| format!("cannot watch {}", config_path.display()))?;
+        *daemon.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
+        background.spawn(reload_loop(daemon.clone(), raw_rx, config_path));
+    }
+    for (h, module) in loaded {
+        daemon.serve(h, module).await?;
+    }
+    let admin_channel = daemon.serve_admin(&background).await?;
+    let topics: Vec<String> = daemon
+        .registry
+        .all()
+        .iter()
+        .map(|h| h.topic.clone())
+        .collect();
+    info!(topics = %topics.join(","), admin = %admin_topic(&name), "ready");
+
+    tokio::select! {
+        _ = shutdown => info!("shutdown requested: no new messages; draining in-flight work"),
+        _ = daemon.cancel.cancelled() => error!("a consumer stopped unexpectedly; shutting down"),
+    }
+    let failed = daemon.cancel.is_cancelled();
+    daemon.cancel.cancel();
+    let timeout = daemon.config.lock().await.server.shutdown_timeout;
+    let drained = tokio::time::timeout(timeout, async {
+        let serving: Vec<Serving> = daemon
+            .serving
+            .lock()
+            .await
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in &serving {
+            s.tasks.close();
+        }
+        for s in &serving {
+            s.tasks.wait().await;
+            s.channel.close().await;
+        }
+        background.close();
+        background.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            ?timeout,
+            "in-flight work did not finish in time; unacked messages will be redelivered"
+        );
+    }
+    admin_channel.close().await;
+    daemon.consume_conn.close().await;
+    publish_conn.close().await;
+    info!("stopped");
+    if failed {
+        anyhow::bail!("stopped after losing a consumer (see the log above)");
+    }
+    Ok(())
+}
+
+fn load_handler(
+    runtime: &Runtime,
+    cache: Option<&ModuleCache>,
+    h: &config::Handler,
+) -> anyhow::Result<crate::runtime::Module> {
+    let bytes = std::fs::read(&h.module)
+        .with_context(|| format!("handler '{}': cannot read {}", h.topic, h.module.display()))?;
+    let (module, from) = runtime
+        .load_cached(&h.topic, &bytes, &h.limits, cache)
+        .with_context(|| format!("handler '{}': cannot load {}", h.topic, h.module.display()))?;
+    info!(topic = %h.topic, module = %h.module.display(), hash = %module.hash_prefix(), cache = ?from,
+        methods = %module.methods().collect::<Vec<_>>().join(","), "handler loaded");
+    Ok(module)
+}
+
+impl Daemon {
+    /// Declare a handler's queues and start consuming them.
+    async fn serve(
+        self: &Arc<Self>,
+        h: config::Handler,
+        module: crate::runtime::Module,
+    ) -> anyhow::Result<()> {
+        let handler = Arc::new(Handler::new(
+            h.topic.clone(),
+            h.module.clone(),
+            h.limits.clone(),
+            module,
+        ));
+        let config = self.config.lock().await.clone();
+        let name = &config.server.name;
+        let channel = self.consume_conn.channel().await?;
         channel.prefetch(config.server.prefetch).await?;
         let queues = TopicQueues::new(&handler.topic, name);
         declare(&channel, &config, &queues).await?;
+        let cancel = self.cancel.child_token();
+        let tasks = TaskTracker::new();
         for queue in [&queues.topic, &queues.server, &queues.fanout_queue] {
             let tag = format!("warren-{name}-{queue}");
             let consumer = channel.consume(queue, &tag).await?;
@@ -124,42 +262,243 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 tag,
                 consumer,
             };
-            tracker.spawn(consume_loop(
+            tasks.spawn(consume_loop(
                 intake,
                 handler.clone(),
-                dispatcher.clone(),
-                tracker.clone(),
+                self.dispatcher.clone(),
+                tasks.clone(),
                 cancel.clone(),
+                self.cancel.clone(),
             ));
         }
-        channels.push(channel);
+        if let Some(w) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if let Err(e) = w.add(&handler.path) {
+                warn!(topic = %handler.topic, error = %e, "cannot watch the module; hot reload is off for it");
+            }
+        }
+        self.registry.insert(handler.clone());
+        self.serving.lock().await.insert(
+            h.topic.clone(),
+            Serving {
+                handler,
+                config: h,
+                channel,
+                cancel,
+                tasks,
+            },
+        );
+        Ok(())
     }
-    let topics: Vec<&str> = registry.iter().map(|h| h.topic.as_str()).collect();
-    info!(topics = %topics.join(","), "ready");
 
-    tokio::select! {
-        _ = shutdown => info!("shutdown requested: no new messages; draining in-flight work"),
-        _ = cancel.cancelled() => error!("a consumer stopped unexpectedly; shutting down"),
+    /// Stop a handler: cancel its consumers, let its in-flight work finish, close its channel.
+    async fn unserve(&self, topic: &str) {
+        let Some(s) = self.serving.lock().await.remove(topic) else {
+            return;
+        };
+        self.registry.remove(topic);
+        if let Some(w) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            w.remove(&s.handler.path);
+        }
+        s.cancel.cancel();
+        s.tasks.close();
+        let timeout = self.config.lock().await.server.shutdown_timeout;
+        if tokio::time::timeout(timeout, s.tasks.wait()).await.is_err() {
+            warn!(%topic, "removed handler's in-flight work did not finish in time; it will be redelivered");
+        }
+        s.channel.close().await;
+        info!(%topic, "handler removed");
     }
-    let failed = cancel.is_cancelled();
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(config.server.shutdown_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(timeout = ?config.server.shutdown_timeout, "in-flight work did not finish in time; unacked messages will be redelivered");
+
+    /// Reload one handler from its file; logs the outcome.
+    pub(crate) async fn reload_handler(&self, handler: Arc<Handler>) -> Reloaded {
+        let (rt, cache, h) = (self.runtime.clone(), self.cache.clone(), handler.clone());
+        let outcome = tokio::task::spawn_blocking(move || h.reload(&rt, cache.as_ref()))
+            .await
+            .unwrap_or_else(|e| Reloaded::Failed(format!("reload task failed: {e}")));
+        match &outcome {
+            Reloaded::Unchanged => {}
+            Reloaded::Swapped { id } => {
+                let v = handler.current();
+                info!(topic = %handler.topic, version = id, hash = %v.module.hash_prefix(),
+                    methods = %v.module.methods().collect::<Vec<_>>().join(","), "handler reloaded");
+            }
+            Reloaded::Failed(reason) => {
+                error!(topic = %handler.topic, file = %handler.path.display(), %reason,
+                    "reload failed; the previous version keeps serving");
+            }
+        }
+        outcome
     }
-    for channel in &channels {
-        channel.close().await;
+
+    /// Re-read the config and add, remove or replace handlers to match it. An invalid config
+    /// changes nothing.
+    pub(crate) async fn reload_config(self: &Arc<Self>) {
+        let path = self.config.lock().await.path.clone();
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "config reload failed; the running configuration stays");
+                return;
+            }
+        };
+        let old = self.config.lock().await.clone();
+        if format!("{:?}{:?}", old.broker.url, old.broker.exchange)
+            != format!("{:?}{:?}", new.broker.url, new.broker.exchange)
+            || old.server.name != new.server.name
+        {
+            warn!("changes to [broker] or the server name take effect after a restart");
+        }
+        let wanted: HashMap<String, config::Handler> = new
+            .handlers
+            .iter()
+            .map(|h| (h.topic.clone(), h.clone()))
+            .collect();
+        let running: HashMap<String, config::Handler> = self
+            .serving
+            .lock()
+            .await
+            .iter()
+            .map(|(t, s)| (t.clone(), s.config.clone()))
+            .collect();
+        for (topic, h) in &running {
+            let same = wanted
+                .get(topic)
+                .is_some_and(|w| w.module == h.module && w.limits == h.limits);
+            if !same {
+                self.unserve(topic).await;
+            }
+        }
+        {
+            let mut config = self.config.lock().await;
+            config.handlers = new.handlers.clone();
+        }
+        for (topic, h) in wanted {
+            if self.serving.lock().await.contains_key(&topic) {
+                continue;
+            }
+            let (rt, cache, hc) = (self.runtime.clone(), self.cache.clone(), h.clone());
+            let loaded =
+                tokio::task::spawn_blocking(move || load_handler(&rt, cache.as_ref(), &hc)).await;
+            match loaded {
+                Ok(Ok(module)) => match self.serve(h, module).await {
+                    Ok(()) => info!(%topic, "handler added"),
+                    Err(e) => {
+                        error!(%topic, error = %format!("{e:#}"), "cannot serve the new handler")
+                    }
+                },
+                Ok(Err(e)) => error!(%topic, error = %format!("{e:#}"), "new handler not added"),
+                Err(e) => error!(%topic, error = %e, "new handler not added"),
+            }
+        }
     }
-    consume_conn.close().await;
-    publish_conn.close().await;
-    info!("stopped");
-    if failed {
-        anyhow::bail!("stopped after losing a consumer (see the log above)");
+
+    /// Consume the admin topic `warren.<server>` (status, reload, rollback).
+    async fn serve_admin(self: &Arc<Self>, background: &TaskTracker) -> anyhow::Result<Channel> {
+        let config = self.config.lock().await.clone();
+        let topic = admin_topic(&config.server.name);
+        let channel = self.consume_conn.channel().await?;
+        channel.prefetch(4).await?;
+        channel
+            .declare_exchange(
+                &config.broker.exchange,
+                Kind::Topic,
+                config.broker.durable,
+                false,
+            )
+            .await?;
+        // Per-process: it dies with the daemon instead of collecting requests nobody answers.
+        let spec = QueueSpec {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueSpec::default()
+        };
+        channel.declare_queue(&topic, &spec).await?;
+        channel
+            .bind(&topic, &config.broker.exchange, &topic)
+            .await?;
+        let tag = format!("warren-{}-admin", config.server.name);
+        let consumer = channel.consume(&topic, &tag).await?;
+        let admin = Arc::new(Admin {
+            daemon: Arc::downgrade(self),
+            topic,
+        });
+        let intake = Intake {
+            channel: channel.clone(),
+            tag,
+            consumer,
+        };
+        background.spawn(consume_loop(
+            intake,
+            admin,
+            self.dispatcher.clone(),
+            background.clone(),
+            self.cancel.clone(),
+            self.cancel.clone(),
+        ));
+        Ok(channel)
     }
-    Ok(())
+}
+
+/// Debounce watcher events and rescans into reloads of modules and of the config.
+async fn reload_loop(daemon: Arc<Daemon>, mut raw: mpsc::Receiver<PathBuf>, config_path: PathBuf) {
+    use tokio::time::{Instant, interval, sleep_until};
+    let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
+    let mut seen = HashMap::new();
+    let files = |d: &Daemon| {
+        d.watcher
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().map(Watcher::files))
+            .unwrap_or_default()
+    };
+    watch::rescan(&files(&daemon), &mut seen);
+    let mut rescan = interval(watch::RESCAN);
+    loop {
+        let next = pending.values().min().copied();
+        tokio::select! {
+            _ = daemon.cancel.cancelled() => break,
+            Some(path) = raw.recv() => {
+                pending.insert(path, Instant::now() + watch::DEBOUNCE);
+            }
+            _ = sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let now = Instant::now();
+                let due: Vec<PathBuf> = pending.iter().filter(|(_, t)| **t <= now).map(|(p, _)| p.clone()).collect();
+                for path in due {
+                    pending.remove(&path);
+                    seen.insert(path.clone(), watch::stamp(&path));
+                    on_change(&daemon, &path, &config_path).await;
+                }
+            }
+            _ = rescan.tick() => {
+                for path in watch::rescan(&files(&daemon), &mut seen) {
+                    pending.entry(path).or_insert_with(|| Instant::now() + watch::DEBOUNCE);
+                }
+            }
+        }
+    }
+}
+
+async fn on_change(daemon: &Arc<Daemon>, path: &Path, config_path: &Path) {
+    if path == config_path {
+        info!(file = %path.display(), "config changed; reloading it");
+        daemon.reload_config().await;
+        return;
+    }
+    for handler in daemon.registry.all() {
+        if watch::absolute(&handler.path) == path {
+            daemon.reload_handler(handler).await;
+        }
+    }
 }
 
 /// Declare exactly what oslo.messaging's rabbit driver declares for an RPC server, so both can
@@ -199,14 +538,16 @@ struct Intake {
     consumer: Consumer,
 }
 
-/// Take deliveries from one queue until cancelled; each is handled in its own tracked task.
-/// Prefetch bounds how many of those tasks exist at once.
-async fn consume_loop(
+/// Take deliveries from one queue until `stop`; each is handled in its own task on `tasks`.
+/// Prefetch bounds how many of those tasks exist at once. A consumer that ends on its own
+/// cancels `fatal` (the daemon), since nothing would serve its queue any more.
+async fn consume_loop<S: Service + 'static>(
     intake: Intake,
-    handler: Arc<Handler>,
+    service: Arc<S>,
     dispatcher: Arc<Dispatcher>,
-    tracker: TaskTracker,
-    cancel: CancellationToken,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+    fatal: CancellationToken,
 ) {
     let Intake {
         channel,
@@ -216,7 +557,7 @@ async fn consume_loop(
     let queue = consumer.queue().to_owned();
     loop {
         let next = tokio::select! {
-            _ = cancel.cancelled() => {
+            _ = stop.cancelled() => {
                 // Stop intake first; deliveries the broker already pushed stay unacked and are
                 // requeued when the channel closes.
                 if let Err(e) = channel.cancel(&tag).await {
@@ -228,20 +569,21 @@ async fn consume_loop(
         };
         match next {
             Some(Ok(delivery)) => {
-                let (handler, dispatcher, queue) =
-                    (handler.clone(), dispatcher.clone(), queue.clone());
-                tracker.spawn(async move { dispatcher.handle(&handler, &queue, delivery).await });
+                let (service, dispatcher, queue) =
+                    (service.clone(), dispatcher.clone(), queue.clone());
+                tasks.spawn(async move { dispatcher.handle(&*service, &queue, delivery).await });
             }
-            Some(Err(e)) => {
+            Some(Err(e)) if !stop.is_cancelled() => {
                 error!(%queue, error = %e, "consumer failed");
-                cancel.cancel();
+                fatal.cancel();
                 break;
             }
-            None => {
+            None if !stop.is_cancelled() => {
                 error!(%queue, "consumer was cancelled by the broker (queue deleted?)");
-                cancel.cancel();
+                fatal.cancel();
                 break;
             }
+            _ => break,
         }
     }
 }

@@ -39,6 +39,9 @@ enum Command {
     Cast(remote::CastArgs),
     Fanout(remote::FanoutArgs),
     Notify(remote::NotifyArgs),
+    Status(remote::StatusArgs),
+    Reload(remote::ReloadArgs),
+    Rollback(remote::RollbackArgs),
 }
 
 /// Entry point of the binary.
@@ -61,6 +64,9 @@ pub fn main() -> ExitCode {
         Command::Cast(args) => remote::cast(args),
         Command::Fanout(args) => remote::fanout(args),
         Command::Notify(args) => remote::notify(args),
+        Command::Status(args) => remote::status(args),
+        Command::Reload(args) => remote::reload(args),
+        Command::Rollback(args) => remote::rollback(args),
     }
 }
 

@@ -348,3 +348,156 @@ fn send(broker: &BrokerArgs, body: &str, ctx: &str, op: Op) -> ExitCode {
         }
     })
 }
+
+/// Which daemon an admin command talks to.
+#[derive(Args)]
+pub struct AdminTarget {
+    /// The daemon's server name (its `[server] name`) [default: this host's name]
+    #[arg(long)]
+    server: Option<String>,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+/// Show a running daemon's handlers: topic, module, version, hash, methods, load time, and the
+/// last reload error.
+#[derive(Args)]
+#[command(after_help = "Examples:\n  warren status\n  warren status --server host1 --json")]
+pub struct StatusArgs {
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: AdminTarget,
+}
+
+/// Make a running daemon re-read its config and its modules now (it also does this by itself
+/// when the files change).
+#[derive(Args)]
+#[command(after_help = "Examples:\n  warren reload\n  warren reload calc")]
+pub struct ReloadArgs {
+    /// Only this handler's module (the config is not re-read then).
+    topic: Option<String>,
+    #[command(flatten)]
+    target: AdminTarget,
+}
+
+/// Put a handler back on its previous good version.
+#[derive(Args)]
+#[command(after_help = "Example:\n  warren rollback calc")]
+pub struct RollbackArgs {
+    /// The handler's topic.
+    topic: String,
+    #[command(flatten)]
+    target: AdminTarget,
+}
+
+fn admin(target: &AdminTarget, method: &str, args: Value) -> Result<Value, ExitCode> {
+    let prepared = (|| -> anyhow::Result<_> {
+        let (url, exchange) = target.broker.resolve()?;
+        let server = match &target.server {
+            Some(s) => s.clone(),
+            None => hostname::get()?.to_string_lossy().into_owned(),
+        };
+        Ok((
+            url,
+            exchange,
+            server,
+            serde_json::value::to_raw_value(&args)?,
+            runtime()?,
+        ))
+    })();
+    let (url, exchange, server, args, rt) = prepared.map_err(usage_error)?;
+    rt.block_on(async {
+        let client = Client::connect(&url, &exchange).await.map_err(report)?;
+        let target = Target::topic(warren::server::admin_topic(&server));
+        let result = client
+            .call(&target, method, &args, &Map::new(), Duration::from_secs(30))
+            .await;
+        client.close().await;
+        let raw = result.map_err(report)?;
+        serde_json::from_str(raw.get()).map_err(|e| usage_error(e.into()))
+    })
+}
+
+/// `warren status`.
+pub fn status(args: StatusArgs) -> ExitCode {
+    let value = match admin(&args.target, "status", serde_json::json!({})) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if args.json {
+        println!("{value}");
+        return ExitCode::SUCCESS;
+    }
+    let handlers: Vec<warren::registry::HandlerStatus> =
+        serde_json::from_value(value["handlers"].clone()).unwrap_or_default();
+    println!("server {}", value["server"].as_str().unwrap_or("?"));
+    for h in handlers {
+        println!("\n{}", h.topic);
+        println!("  module:    {}", h.module);
+        println!(
+            "  version:   {} (sha256 {}…){}",
+            h.version,
+            h.hash,
+            if h.can_roll_back {
+                ", previous kept"
+            } else {
+                ""
+            }
+        );
+        println!("  methods:   {}", h.methods.join(", "));
+        println!("  loaded at: {} (unix time)", h.loaded_at);
+        if let Some(e) = h.last_error {
+            println!("  last reload error: {e}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `warren reload`.
+pub fn reload(args: ReloadArgs) -> ExitCode {
+    let body = match &args.topic {
+        Some(t) => serde_json::json!({"topic": t}),
+        None => serde_json::json!({}),
+    };
+    match admin(&args.target, "reload", body) {
+        Ok(v) => {
+            let mut failed = false;
+            if let Some(map) = v.as_object() {
+                for (topic, outcome) in map {
+                    failed |= outcome["outcome"] == "failed";
+                    match outcome["outcome"].as_str() {
+                        Some("failed") => println!(
+                            "{topic}: failed: {}",
+                            outcome["error"].as_str().unwrap_or("?")
+                        ),
+                        Some(o) => println!("{topic}: {o} (version {})", outcome["version"]),
+                        None => println!("{topic}: {outcome}"),
+                    }
+                }
+            }
+            if failed {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(code) => code,
+    }
+}
+
+/// `warren rollback`.
+pub fn rollback(args: RollbackArgs) -> ExitCode {
+    match admin(
+        &args.target,
+        "rollback",
+        serde_json::json!({"topic": args.topic}),
+    ) {
+        Ok(v) => {
+            println!("{}: now serving version {}", args.topic, v["version"]);
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}

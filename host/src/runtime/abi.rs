@@ -5,7 +5,11 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+type Bytes = bytes::Bytes;
 
 use super::error::{Failure, class};
 
@@ -21,9 +25,38 @@ pub const ABI_VERSION: i32 = 1;
 const MAX_LOG_LINES: usize = 256;
 const MAX_LOG_LINE_BYTES: usize = 4096;
 
+/// WASI preview 1 with nothing granted and stdio captured. Built on the guest's first WASI call:
+/// most invocations make none, and building it is a good part of a small call's cost.
+pub(crate) struct Wasi {
+    ctx: WasiP1Ctx,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl Wasi {
+    fn new(max_stdio_bytes: usize) -> Self {
+        let stdout = MemoryOutputPipe::new(max_stdio_bytes);
+        let stderr = MemoryOutputPipe::new(max_stdio_bytes);
+        // Nothing granted: no preopens, env, args or sockets; only the captured stdio.
+        let ctx = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build_p1();
+        Self {
+            ctx,
+            stdout,
+            stderr,
+        }
+    }
+}
+
 /// Everything one invocation owns. It lives in the `Store`, so it dies with it.
 pub(crate) struct State {
-    pub wasi: WasiP1Ctx,
+    pub wasi: Option<Wasi>,
+    pub max_stdio_bytes: usize,
     pub limiter: Limiter,
     pub input: Vec<u8>,
     pub context: Arc<[u8]>,
@@ -81,6 +114,22 @@ impl ResourceLimiter for Limiter {
             return Err(wasmtime::Error::msg(msg));
         }
         Ok(true)
+    }
+}
+
+impl State {
+    /// The WASI context, built on first use.
+    pub fn wasi(&mut self) -> &mut WasiP1Ctx {
+        let cap = self.max_stdio_bytes;
+        &mut self.wasi.get_or_insert_with(|| Wasi::new(cap)).ctx
+    }
+
+    /// What the guest wrote to stdout and stderr, if it used WASI at all.
+    pub fn take_stdio(&mut self) -> (Bytes, Bytes) {
+        match self.wasi.take() {
+            Some(w) => (w.stdout.contents(), w.stderr.contents()),
+            None => (Bytes::new(), Bytes::new()),
+        }
     }
 }
 

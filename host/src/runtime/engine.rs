@@ -11,6 +11,11 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// a fraction of the shortest sensible timeout keeps it precise without waking too often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
+/// Bytes of each memory slot reset in place instead of decommitted. Covers a Rust guest's 1 MiB
+/// stack, its data and a modest heap; only pages actually touched are reset when the kernel
+/// supports PAGEMAP_SCAN, so a large value does not mean a large memset.
+const KEEP_RESIDENT: usize = 2 << 20;
+
 /// Engine-wide settings, fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -57,9 +62,13 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         .total_tables(settings.max_instances)
         .total_core_instances(settings.max_instances)
         .max_memory_size(settings.max_memory_bytes)
-        // Keeping a little of each slot resident saves an madvise + page fault per call.
-        .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(16 << 10);
+        // A fresh instance per call costs page faults on every page the guest touches, and an
+        // madvise to drop them afterwards; profiling put that at over half of a small call.
+        // Instead keep touched pages resident and reset only those (found with the PAGEMAP_SCAN
+        // ioctl on Linux 6.7+) by copying the image back: no faults, no madvise.
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(64 << 10);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&config) {

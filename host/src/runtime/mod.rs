@@ -9,6 +9,7 @@
 //! thread ([`engine::EpochTicker`]), so a guest spinning forever cannot stall anything else.
 
 mod abi;
+mod cache;
 pub mod engine;
 pub mod error;
 
@@ -19,11 +20,10 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use wasmtime::{Engine, Extern, InstancePre, Linker, ModuleExport, Store, Trap};
-use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 pub use abi::{ABI_VERSION, IMPORT_MODULE};
 use abi::{Limiter, State};
+pub use cache::{CacheOutcome, ModuleCache};
 pub use engine::{Allocator, EngineSettings};
 pub use error::{Failure, LoadError, class};
 
@@ -138,7 +138,7 @@ impl Runtime {
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
         let (engine, allocator) = engine::build_engine(settings)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, State::wasi)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
@@ -163,13 +163,36 @@ impl Runtime {
     /// Compile, pre-link and smoke-test a module: instantiate it once, run `_initialize`, and
     /// check the ABI marker. Only a module that passes all of it is returned.
     pub fn load(&self, name: &str, bytes: &[u8], limits: &Limits) -> Result<Module, LoadError> {
-        if wasmparser_is_component(bytes) {
+        self.load_cached(name, bytes, limits, None).map(|(m, _)| m)
+    }
+
+    /// [`Runtime::load`], taking the compiled code from `cache` when it has it and adding it
+    /// when it does not. The smoke test runs either way.
+    pub fn load_cached(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        limits: &Limits,
+        cache: Option<&ModuleCache>,
+    ) -> Result<(Module, CacheOutcome), LoadError> {
+        if is_component(bytes) {
             return Err(LoadError::Component);
+        }
+        let sha256: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(module) = cache.and_then(|c| c.get(&self.engine, &sha256)) {
+            return Ok((
+                self.prepare(name, module, sha256, limits)?,
+                CacheOutcome::Hit,
+            ));
         }
         let module = wasmtime::Module::new(&self.engine, bytes)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        let sha256: [u8; 32] = Sha256::digest(bytes).into();
-        self.prepare(name, module, sha256, limits)
+        let prepared = self.prepare(name, module, sha256, limits)?;
+        // Only modules that passed the smoke test are worth caching.
+        if let Some(cache) = cache {
+            cache.put(&self.engine, &sha256, &prepared.inner.pre.module().clone());
+        }
+        Ok((prepared, CacheOutcome::Miss))
     }
 
     fn prepare(
@@ -263,18 +286,9 @@ impl Runtime {
         context: Arc<[u8]>,
         limits: &Limits,
     ) -> Sandbox {
-        let stdout = MemoryOutputPipe::new(limits.max_stdio_bytes);
-        let stderr = MemoryOutputPipe::new(limits.max_stdio_bytes);
-        // Nothing granted: no preopens, env, args or sockets; only the captured stdio.
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build_p1();
         let state = State {
-            wasi,
+            wasi: None,
+            max_stdio_bytes: limits.max_stdio_bytes,
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
@@ -298,8 +312,6 @@ impl Runtime {
         Sandbox {
             store,
             module: module.clone(),
-            stdout,
-            stderr,
             timeout: limits.timeout,
         }
     }
@@ -309,8 +321,6 @@ impl Runtime {
 struct Sandbox {
     store: Store<State>,
     module: Module,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
     timeout: Duration,
 }
 
@@ -428,23 +438,18 @@ impl Sandbox {
         Failure::new(class::GUEST_TRAP, message)
     }
 
-    /// Forward captured stdio to the log; return stderr when asked (for trap messages).
+    /// Forward captured stdio to the log; return stderr when asked (for trap messages). Called
+    /// once, at the end of the invocation.
     fn flush_stdio(&mut self, want_stderr: Option<()>) -> String {
+        let (out, err) = self.store.data_mut().take_stdio();
         let handler = self.module.name();
-        let out = self.stdout.contents();
-        if !out.is_empty() {
-            for line in String::from_utf8_lossy(&out).lines() {
-                tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
-            }
+        for line in String::from_utf8_lossy(&out).lines() {
+            tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
         }
-        let err = self.stderr.contents();
         let text = String::from_utf8_lossy(&err).into_owned();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
         }
-        // Reset so a later flush in the same invocation does not repeat lines.
-        self.stdout = MemoryOutputPipe::new(0);
-        self.stderr = MemoryOutputPipe::new(0);
         if want_stderr.is_some() {
             text
         } else {
@@ -495,6 +500,6 @@ fn parse_guest_error(bytes: &[u8]) -> Failure {
 }
 
 /// Components start with the same magic as modules but a different version/layer field.
-fn wasmparser_is_component(bytes: &[u8]) -> bool {
+fn is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
 }

@@ -1,0 +1,89 @@
+//! On-disk cache of compiled modules, so a restart with many handlers does not recompile them.
+//!
+//! An entry is keyed by the module's SHA-256 and the engine's compatibility hash (wasmtime
+//! version and every setting that affects code), and carries a SHA-256 trailer of its own bytes.
+//! Deserialising compiled code is only sound for bytes wasmtime itself produced, so an entry is
+//! used only when the trailer matches; anything stale, truncated or corrupt is a miss, deleted,
+//! and rebuilt.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+
+/// A directory of compiled modules.
+#[derive(Debug, Clone)]
+pub struct ModuleCache {
+    dir: PathBuf,
+}
+
+/// Whether a load came from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Deserialised from the cache.
+    Hit,
+    /// Compiled (and written to the cache if one is configured).
+    Miss,
+}
+
+impl ModuleCache {
+    /// A cache in `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, engine: &Engine, sha256: &[u8; 32]) -> PathBuf {
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let module: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir
+            .join(format!("{module}-{:016x}.cwasm", hasher.finish()))
+    }
+
+    /// The cached module for `sha256`, if a sound entry exists.
+    pub(crate) fn get(&self, engine: &Engine, sha256: &[u8; 32]) -> Option<wasmtime::Module> {
+        let path = self.path(engine, sha256);
+        let bytes = std::fs::read(&path).ok()?;
+        let valid = bytes.len() > 32 && {
+            let (artifact, trailer) = bytes.split_at(bytes.len() - 32);
+            Sha256::digest(artifact).as_slice() == trailer
+        };
+        if valid {
+            let artifact = &bytes[..bytes.len() - 32];
+            // SAFETY: the trailer proves these are the exact bytes `Module::serialize` wrote for
+            // this key, and wasmtime checks the engine compatibility itself.
+            if let Ok(module) = unsafe { wasmtime::Module::deserialize(engine, artifact) } {
+                return Some(module);
+            }
+        }
+        tracing::warn!(path = %path.display(), "compiled-module cache entry is stale or corrupt; recompiling");
+        let _ = std::fs::remove_file(&path);
+        None
+    }
+
+    /// Store `module` for `sha256`. Failures only cost a recompile later, so they are logged.
+    pub(crate) fn put(&self, engine: &Engine, sha256: &[u8; 32], module: &wasmtime::Module) {
+        let path = self.path(engine, sha256);
+        let write = || -> std::io::Result<()> {
+            let mut artifact = module
+                .serialize()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let trailer = Sha256::digest(&artifact);
+            artifact.extend_from_slice(&trailer);
+            std::fs::create_dir_all(&self.dir)?;
+            // Write then rename, so a reader never sees half an entry.
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, &artifact)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-module cache entry");
+        }
+    }
+}
