@@ -164,9 +164,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         *daemon.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         background.spawn(reload_loop(daemon.clone(), raw_rx, config_path));
     }
-    for (h, module) in loaded {
-        daemon.serve(h, module).await?;
-    }
+    // Declaring a handler's topology is a dozen broker round trips; do all handlers at once.
+    futures_util::future::try_join_all(loaded.into_iter().map(|(h, module)| daemon.serve(h, module))).await?;
     let admin_channel = daemon.serve_admin(&background).await?;
     let topics: Vec<String> = daemon
         .registry
@@ -416,18 +415,15 @@ impl Daemon {
                 false,
             )
             .await?;
-        // Per-process: it dies with the daemon instead of collecting requests nobody answers.
-        let spec = QueueSpec {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueSpec::default()
-        };
-        channel.declare_queue(&topic, &spec).await?;
-        channel
-            .bind(&topic, &config.broker.exchange, &topic)
-            .await?;
+        // A queue of this process's own, bound under the admin topic: it dies with the daemon
+        // instead of collecting requests nobody answers, and several daemons may share a server
+        // name (oslo allows it for multi-worker services); the first to answer wins.
+        let queue = format!("{topic}.{}", uuid::Uuid::new_v4().simple());
+        let spec = QueueSpec { exclusive: true, auto_delete: true, ..QueueSpec::default() };
+        channel.declare_queue(&queue, &spec).await?;
+        channel.bind(&queue, &config.broker.exchange, &topic).await?;
         let tag = format!("warren-{}-admin", config.server.name);
-        let consumer = channel.consume(&topic, &tag).await?;
+        let consumer = channel.consume(&queue, &tag).await?;
         let admin = Arc::new(Admin {
             daemon: Arc::downgrade(self),
             topic,

@@ -2,5 +2,7 @@
 //! The daemon tests talk to the real RabbitMQ (WARREN_TEST_BROKER_URL, default the local one).
 
 mod cli;
+mod daemon;
+mod interop;
 mod runtime;
 mod support;
