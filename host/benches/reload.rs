@@ -17,7 +17,8 @@ use warren::client::{Client, Target};
 use warren::config::Config;
 
 fn broker() -> String {
-    std::env::var("WARREN_BROKER_URL").unwrap_or_else(|_| warren::config::DEFAULT_BROKER_URL.to_owned())
+    std::env::var("WARREN_BROKER_URL")
+        .unwrap_or_else(|_| warren::config::DEFAULT_BROKER_URL.to_owned())
 }
 
 fn whoami(tag: &str) -> String {
@@ -60,18 +61,38 @@ async fn stop(r: Running) {
 
 async fn call_whoami(client: &Client, topic: &str) -> Option<String> {
     let args = serde_json::value::to_raw_value(&serde_json::json!({})).ok()?;
-    let r = client.call(&Target::topic(topic), "whoami", &args, &Map::new(), Duration::from_secs(5)).await.ok()?;
+    let r = client
+        .call(
+            &Target::topic(topic),
+            "whoami",
+            &args,
+            &Map::new(),
+            Duration::from_secs(5),
+        )
+        .await
+        .ok()?;
     serde_json::from_str(r.get()).ok()
 }
 
 async fn wait_until_answers(client: &Client, topic: &str, started: Instant) -> Duration {
     let admin_args = serde_json::value::to_raw_value(&serde_json::json!({})).expect("json");
     loop {
-        let r = client.call(&Target::topic(topic), "status", &admin_args, &Map::new(), Duration::from_millis(500)).await;
+        let r = client
+            .call(
+                &Target::topic(topic),
+                "status",
+                &admin_args,
+                &Map::new(),
+                Duration::from_millis(500),
+            )
+            .await;
         if r.is_ok() {
             return started.elapsed();
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "daemon never answered");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "daemon never answered"
+        );
     }
 }
 
@@ -92,7 +113,9 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let server = format!("bench{}", &id[..8]);
-    let client = Client::connect(&broker(), "openstack").await.expect("broker reachable");
+    let client = Client::connect(&broker(), "openstack")
+        .await
+        .expect("broker reachable");
 
     // 1. write → first reply.
     let topic = format!("reload_bench_{}", &id[..8]);
@@ -105,7 +128,12 @@ async fn main() {
     )
     .expect("config");
     let daemon = start(&config_path);
-    wait_until_answers(&client, &warren::server::admin_topic(&server), Instant::now()).await;
+    wait_until_answers(
+        &client,
+        &warren::server::admin_topic(&server),
+        Instant::now(),
+    )
+    .await;
     let mut took = Vec::new();
     for i in 1..=swaps {
         let tag = format!("v{i}");
@@ -116,29 +144,50 @@ async fn main() {
                 took.push(written.elapsed());
                 break;
             }
-            assert!(written.elapsed() < Duration::from_secs(30), "version {tag} never answered");
+            assert!(
+                written.elapsed() < Duration::from_secs(30),
+                "version {tag} never answered"
+            );
         }
     }
     stop(daemon).await;
     took.sort();
-    println!("write → first reply from the new version ({swaps} swaps): p50 {}  p99 {}  max {}  (target p99 ≤ 300 ms)",
-        ms(percentile(&took, 0.5)), ms(percentile(&took, 0.99)), ms(took[took.len() - 1]));
+    println!(
+        "write → first reply from the new version ({swaps} swaps): p50 {}  p99 {}  max {}  (target p99 ≤ 300 ms)",
+        ms(percentile(&took, 0.5)),
+        ms(percentile(&took, 0.99)),
+        ms(took[took.len() - 1])
+    );
 
     // 2. restart with many handlers, cold then warm cache.
     let echo = echo_module();
-    let mut text = format!("[broker]\nurl = \"{}\"\n[server]\nname = \"{server}m\"\ncache_dir = \"cache\"\n", broker());
+    let mut text = format!(
+        "[broker]\nurl = \"{}\"\n[server]\nname = \"{server}m\"\ncache_dir = \"cache\"\n",
+        broker()
+    );
     for h in 0..handlers {
         let path = dir.path().join(format!("h{h}.wasm"));
         std::fs::copy(&echo, &path).expect("copy");
-        text.push_str(&format!("[[handler]]\ntopic = \"restart_bench_{}_{h}\"\nmodule = \"h{h}.wasm\"\n", &id[..8]));
+        text.push_str(&format!(
+            "[[handler]]\ntopic = \"restart_bench_{}_{h}\"\nmodule = \"h{h}.wasm\"\n",
+            &id[..8]
+        ));
     }
     let many = dir.path().join("many.toml");
     std::fs::write(&many, text).expect("config");
     for label in ["cold cache", "warm cache"] {
         let started = Instant::now();
         let daemon = start(&many);
-        let ready = wait_until_answers(&client, &warren::server::admin_topic(&format!("{server}m")), started).await;
-        println!("start with {handlers} handlers, {label}: {}  (target from the cache < 1 s)", ms(ready));
+        let ready = wait_until_answers(
+            &client,
+            &warren::server::admin_topic(&format!("{server}m")),
+            started,
+        )
+        .await;
+        println!(
+            "start with {handlers} handlers, {label}: {}  (target from the cache < 1 s)",
+            ms(ready)
+        );
         stop(daemon).await;
     }
     client.close().await;
@@ -148,11 +197,18 @@ fn echo_module() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let path = root.join("plugins/target/wasm32-wasip1/release/echo.wasm");
     if !path.exists() {
-        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
-            .arg(root.join("plugins/Cargo.toml"))
-            .status()
-            .expect("cargo runs");
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip1",
+                    "--manifest-path",
+                ])
+                .arg(root.join("plugins/Cargo.toml"))
+                .status()
+                .expect("cargo runs");
         assert!(status.success(), "building the example plugins failed");
     }
     path

@@ -259,10 +259,10 @@ impl Client {
                         if reply.ending {
                             break;
                         }
-                        if let Some(r) = reply.result {
-                            if tx.send(Ok(r)).await.is_err() {
-                                break;
-                            }
+                        if let Some(r) = reply.result
+                            && tx.send(Ok(r)).await.is_err()
+                        {
+                            break;
                         }
                     }
                     Err(e) => {

@@ -109,10 +109,9 @@ impl Dispatcher {
                     unique_id: Some(id),
                 },
             ) = (settled, settle)
+                && let Ok(mut dedup) = self.dedup.lock()
             {
-                if let Ok(mut dedup) = self.dedup.lock() {
-                    dedup.insert(id);
-                }
+                dedup.insert(id);
             }
         }
         .instrument(span)
@@ -129,11 +128,11 @@ impl Dispatcher {
             );
             return Settle::Reject;
         }
-        if let Some(ct) = delivery.content_type() {
-            if !ct.eq_ignore_ascii_case("application/json") {
-                warn!(content_type = %truncate(ct, 64), "message with a non-JSON content type rejected");
-                return Settle::Reject;
-            }
+        if let Some(ct) = delivery.content_type()
+            && !ct.eq_ignore_ascii_case("application/json")
+        {
+            warn!(content_type = %truncate(ct, 64), "message with a non-JSON content type rejected");
+            return Settle::Reject;
         }
         let request = match wire::decode_request_with(body, &self.limits) {
             Ok(r) => r,
@@ -163,11 +162,11 @@ impl Dispatcher {
                 warn!(class = %f.class, error = %f.message, "cast handler failed");
             }
         }
-        if request.wants_reply() {
-            if let Err(e) = self.reply(&request, outcome).await {
-                error!(error = %e, "reply could not be published; request requeued");
-                return Settle::Requeue;
-            }
+        if request.wants_reply()
+            && let Err(e) = self.reply(&request, outcome).await
+        {
+            error!(error = %e, "reply could not be published; request requeued");
+            return Settle::Requeue;
         }
         Settle::Ack {
             unique_id: request.unique_id,

@@ -165,7 +165,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         background.spawn(reload_loop(daemon.clone(), raw_rx, config_path));
     }
     // Declaring a handler's topology is a dozen broker round trips; do all handlers at once.
-    futures_util::future::try_join_all(loaded.into_iter().map(|(h, module)| daemon.serve(h, module))).await?;
+    futures_util::future::try_join_all(
+        loaded
+            .into_iter()
+            .map(|(h, module)| daemon.serve(h, module)),
+    )
+    .await?;
     let admin_channel = daemon.serve_admin(&background).await?;
     let topics: Vec<String> = daemon
         .registry
@@ -275,10 +280,9 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_mut()
+            && let Err(e) = w.add(&handler.path)
         {
-            if let Err(e) = w.add(&handler.path) {
-                warn!(topic = %handler.topic, error = %e, "cannot watch the module; hot reload is off for it");
-            }
+            warn!(topic = %handler.topic, error = %e, "cannot watch the module; hot reload is off for it");
         }
         self.registry.insert(handler.clone());
         self.serving.lock().await.insert(
@@ -419,9 +423,15 @@ impl Daemon {
         // instead of collecting requests nobody answers, and several daemons may share a server
         // name (oslo allows it for multi-worker services); the first to answer wins.
         let queue = format!("{topic}.{}", uuid::Uuid::new_v4().simple());
-        let spec = QueueSpec { exclusive: true, auto_delete: true, ..QueueSpec::default() };
+        let spec = QueueSpec {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueSpec::default()
+        };
         channel.declare_queue(&queue, &spec).await?;
-        channel.bind(&queue, &config.broker.exchange, &topic).await?;
+        channel
+            .bind(&queue, &config.broker.exchange, &topic)
+            .await?;
         let tag = format!("warren-{}-admin", config.server.name);
         let consumer = channel.consume(&queue, &tag).await?;
         let admin = Arc::new(Admin {

@@ -229,10 +229,11 @@ impl Runtime {
             let is_method_type = ty.params().len() == 0
                 && ty.results().len() == 1
                 && matches!(ty.results().next(), Some(wasmtime::ValType::I32));
-            if is_method_type && !is_reserved_name(export.name()) {
-                if let Some(index) = module.get_export_index(export.name()) {
-                    methods.insert(export.name().to_owned(), index);
-                }
+            if is_method_type
+                && !is_reserved_name(export.name())
+                && let Some(index) = module.get_export_index(export.name())
+            {
+                methods.insert(export.name().to_owned(), index);
             }
         }
         let initialize = module.get_export_index("_initialize");
@@ -332,7 +333,7 @@ impl Sandbox {
             .pre
             .instantiate(&mut self.store)
             .map_err(|e| self.classify(e, "instantiation"))?;
-        if let Some(init) = self.module.inner.initialize.clone() {
+        if let Some(init) = self.module.inner.initialize {
             let func = self.func(&instance, &init)?;
             match func.typed::<(), ()>(&self.store) {
                 Ok(f) => f
