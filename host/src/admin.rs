@@ -79,7 +79,7 @@ impl Service for Admin {
                 let version = handler
                     .rollback()
                     .map_err(|e| Failure::new("NoPreviousVersion", e))?;
-                tracing::info!(topic = t, version, "handler rolled back");
+                tracing::info!(topic = %t, version, "handler rolled back");
                 json!({"topic": t, "version": version})
             }
             other => {

@@ -141,9 +141,13 @@ impl Handler {
             }
         };
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if &hash == self.current().module.sha256()
-            || *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash)
-        {
+        if &hash == self.current().module.sha256() {
+            // Back to the bytes that serve (a revert, or delete and re-create): nothing failed.
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Reloaded::Unchanged;
+        }
+        if *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash) {
             return Reloaded::Unchanged;
         }
         if bytes.is_empty() {

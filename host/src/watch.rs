@@ -18,14 +18,16 @@ pub const RESCAN: Duration = Duration::from_secs(2);
 pub struct Watcher {
     watcher: RecommendedWatcher,
     dirs: HashSet<PathBuf>,
-    files: std::sync::Arc<std::sync::RwLock<HashSet<PathBuf>>>,
+    /// Watched files and how many handlers (or the config) use each: two handlers may serve
+    /// the same module file, and removing one must not stop reloads for the other.
+    files: std::sync::Arc<std::sync::RwLock<HashMap<PathBuf, usize>>>,
 }
 
 impl Watcher {
     /// Start a watcher whose raw events go to `raw` (bounded: when it is full events are
     /// dropped, and the rescan catches what they would have said).
     pub fn new(raw: mpsc::Sender<PathBuf>) -> notify::Result<Self> {
-        let files: std::sync::Arc<std::sync::RwLock<HashSet<PathBuf>>> = Default::default();
+        let files: std::sync::Arc<std::sync::RwLock<HashMap<PathBuf, usize>>> = Default::default();
         let wanted = files.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
@@ -39,7 +41,7 @@ impl Watcher {
             }
             let Ok(wanted) = wanted.read() else { return };
             for path in event.paths {
-                if wanted.contains(&path) {
+                if wanted.contains_key(&path) {
                     let _ = raw.try_send(path);
                 }
             }
@@ -62,15 +64,23 @@ impl Watcher {
             self.watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         }
         if let Ok(mut files) = self.files.write() {
-            files.insert(file);
+            *files.entry(file).or_insert(0) += 1;
         }
         Ok(())
     }
 
-    /// Stop reporting `file` (its directory stays watched; cheap, and other files may share it).
+    /// One user of `file` is gone; stop reporting it when it was the last. (Its directory stays
+    /// watched: cheap, and other files may share it.)
     pub fn remove(&mut self, file: &Path) {
         if let Ok(mut files) = self.files.write() {
-            files.remove(&absolute(file));
+            let file = absolute(file);
+            match files.get_mut(&file) {
+                Some(users) if *users > 1 => *users -= 1,
+                Some(_) => {
+                    files.remove(&file);
+                }
+                None => {}
+            }
         }
     }
 
@@ -78,7 +88,7 @@ impl Watcher {
     pub fn files(&self) -> Vec<PathBuf> {
         self.files
             .read()
-            .map(|f| f.iter().cloned().collect())
+            .map(|f| f.keys().cloned().collect())
             .unwrap_or_default()
     }
 }

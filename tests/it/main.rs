@@ -4,5 +4,6 @@
 mod cli;
 mod daemon;
 mod interop;
+mod reload;
 mod runtime;
 mod support;
