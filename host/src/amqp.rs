@@ -15,8 +15,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 
-/// How long a publish may wait for the broker's confirm. RabbitMQ advises no less than the
-/// heartbeat timeout; a blocked connection (resource alarm) waits this long, then fails.
+/// How long a publish may wait for the broker's confirm once the message is written. RabbitMQ
+/// advises no less than the heartbeat timeout. (Writing itself waits while the connection is
+/// blocked by a resource alarm; bounding that is the broker-fault issue's work.)
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What went wrong talking to the broker.

@@ -206,7 +206,7 @@ impl Config {
             return Err(at(
                 span,
                 "server.name",
-                format!("'{name}' must be 1-255 characters of letters, digits, '-', '_' or '.'"),
+                format!("'{name}' must be 1-100 characters of letters, digits, '-', '_' or '.'"),
             ));
         }
         let prefetch = file.server.prefetch.as_ref().map_or(64, |p| *p.get_ref());
@@ -223,9 +223,13 @@ impl Config {
             .concurrency
             .as_ref()
             .map_or(16, |c| *c.get_ref());
-        if concurrency == 0 {
+        if !(1..=4096).contains(&concurrency) {
             let span = file.server.concurrency.as_ref().map(|c| c.span());
-            return Err(at(span, "server.concurrency", "must be at least 1".into()));
+            return Err(at(
+                span,
+                "server.concurrency",
+                "must be between 1 and 4096".into(),
+            ));
         }
         let server = Server {
             name,
@@ -250,7 +254,7 @@ impl Config {
                     Some(h.topic.span()),
                     &format!("handler[{i}].topic"),
                     format!(
-                        "'{topic}' must be 1-255 characters of letters, digits, '-', '_' or '.'"
+                        "'{topic}' must be 1-100 characters of letters, digits, '-', '_' or '.'"
                     ),
                 ));
             }
@@ -309,10 +313,12 @@ fn default_cache_dir(env: &impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
         .map(|d| d.join("warren/modules"))
 }
 
-/// Topic and server names end up in queue names and routing keys; keep them to what oslo uses.
+/// Topic and server names end up in queue names, routing keys and consumer tags, which AMQP caps
+/// at 255 bytes and which combine two of them (`warren-<server>-<topic>.<server>`); 100 each keeps
+/// every combination legal.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 255
+        && name.len() <= 100
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::amqp::{Delivery, PublishOptions, Published, Publisher};
@@ -64,6 +65,9 @@ pub struct Dispatcher {
     dedup: Mutex<Dedup>,
     max_message_bytes: usize,
     limits: wire::Limits,
+    /// Cancelled when replies can no longer be published: requeueing every call whose reply
+    /// failed would run it again and again on a dead publisher.
+    fatal: CancellationToken,
 }
 
 /// Settings the dispatcher needs from the config.
@@ -78,7 +82,12 @@ pub struct DispatchSettings {
 
 impl Dispatcher {
     /// A dispatcher invoking on `runtime` and replying through `publisher`.
-    pub fn new(runtime: Arc<Runtime>, publisher: Publisher, settings: &DispatchSettings) -> Self {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        publisher: Publisher,
+        settings: &DispatchSettings,
+        fatal: CancellationToken,
+    ) -> Self {
         Self {
             runtime,
             publisher,
@@ -86,21 +95,22 @@ impl Dispatcher {
             dedup: Mutex::new(Dedup::new(settings.dedup_window)),
             max_message_bytes: settings.max_message_bytes,
             limits: wire::Limits::DEFAULT,
+            fatal,
         }
     }
 
     /// Handle one delivery from a queue of `handler` and settle it (ack or reject). Never
     /// panics and never returns an error: every outcome is logged here.
-    pub async fn handle<S: Service>(&self, service: &S, queue: &str, delivery: Delivery) {
+    pub async fn handle<S: Service>(&self, service: &S, queue: &str, delivery: &Delivery) {
         let tag = delivery.tag();
         let span = tracing::info_span!("delivery", topic = %service.topic(), queue, tag,
             method = tracing::field::Empty, msg_id = tracing::field::Empty,
             unique_id = tracing::field::Empty, version = tracing::field::Empty,
             outcome = tracing::field::Empty);
         async {
-            let settle = self.process(service, &delivery).await;
+            let settle = self.process(service, delivery).await;
             tracing::Span::current().record("outcome", settle.as_str());
-            let settled = settle_delivery(&delivery, &settle).await;
+            let settled = settle_delivery(delivery, &settle).await;
             // Remember the id only once the ack went out: a redelivery of a request whose ack
             // was lost must be answered again, not dropped.
             if let (
@@ -166,6 +176,9 @@ impl Dispatcher {
             && let Err(e) = self.reply(&request, outcome).await
         {
             error!(error = %e, "reply could not be published; request requeued");
+            if matches!(e, crate::amqp::AmqpError::Broker { .. }) {
+                self.fatal.cancel();
+            }
             return Settle::Requeue;
         }
         Settle::Ack {

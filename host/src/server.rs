@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,6 +21,9 @@ use crate::dispatch::{DispatchSettings, Dispatcher, Service};
 use crate::registry::{Handler, Registry, Reloaded};
 use crate::runtime::{EngineSettings, ModuleCache, Runtime};
 use crate::watch::{self, Watcher};
+
+/// Modules compiled or checked at once during start-up.
+const STARTUP_LOADS: usize = 4;
 
 /// oslo's `rabbit_transient_queues_ttl` default: unused fanout queues expire after 30 minutes.
 const FANOUT_QUEUE_EXPIRES_MS: u32 = 1_800_000;
@@ -76,6 +80,9 @@ pub(crate) struct Daemon {
     serving: Mutex<HashMap<String, Serving>>,
     watcher: std::sync::Mutex<Option<Watcher>>,
     cancel: CancellationToken,
+    /// Held by every reload, config reload and rollback: two of them at once (a file event and
+    /// `warren reload`) could otherwise both start the same new handler.
+    pub(crate) reloading: Mutex<()>,
 }
 
 /// Run the daemon until `shutdown` resolves (or a fatal broker error), then drain and close.
@@ -89,30 +96,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .max()
             .unwrap_or(0)
             .max(64 << 20),
-        // Room for every running invocation plus the smoke tests of reloads.
-        max_instances: (config.server.concurrency as u32)
-            .saturating_mul(2)
-            .saturating_add(8),
+        // Room for every running invocation plus the smoke tests of loads and reloads.
+        max_instances: u32::try_from(config.server.concurrency * 2 + STARTUP_LOADS + 8)
+            .unwrap_or(u32::MAX),
     };
     let runtime = Arc::new(Runtime::new(&settings)?);
     let cache = config.server.cache_dir.clone().map(ModuleCache::new);
     info!(allocator = ?runtime.allocator(), cache = ?cache.as_ref().map(|c| c.dir()), "wasm runtime ready");
 
     // Load every module before touching the broker: a bad config fails fast and clearly.
-    let mut loaded = Vec::new();
-    let loads: Vec<_> = config
-        .handlers
-        .iter()
-        .map(|h| {
-            let (rt, cache, h) = (runtime.clone(), cache.clone(), h.clone());
-            tokio::task::spawn_blocking(move || {
-                load_handler(&rt, cache.as_ref(), &h).map(|m| (h, m))
+    // A few at a time: each smoke test takes a pool slot, and compiling is CPU-bound anyway.
+    let loaded: Vec<(config::Handler, crate::runtime::Module)> =
+        futures_util::stream::iter(config.handlers.clone())
+            .map(|h| {
+                let (rt, cache) = (runtime.clone(), cache.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        load_handler(&rt, cache.as_ref(), &h).map(|m| (h, m))
+                    })
+                    .await?
+                }
             })
-        })
-        .collect();
-    for load in loads {
-        loaded.push(load.await??);
-    }
+            .buffered(STARTUP_LOADS)
+            .try_collect()
+            .await?;
 
     let name = config.server.name.clone();
     let url = config.broker.url.clone();
@@ -131,6 +138,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     )
     .await?;
     let publisher = publish_conn.channel().await?.into_publisher().await?;
+    let cancel = CancellationToken::new();
     let dispatcher = Arc::new(Dispatcher::new(
         runtime.clone(),
         publisher,
@@ -139,6 +147,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             dedup_window: config.server.dedup_window,
             max_message_bytes: config.server.max_message_bytes,
         },
+        cancel.clone(),
     ));
     let watching = config.server.watch;
     let config_path = watch::absolute(&config.path);
@@ -151,7 +160,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         dispatcher,
         serving: Mutex::new(HashMap::new()),
         watcher: std::sync::Mutex::new(None),
-        cancel: CancellationToken::new(),
+        cancel,
+        reloading: Mutex::new(()),
     });
     let background = TaskTracker::new();
 
@@ -324,6 +334,7 @@ impl Daemon {
 
     /// Reload one handler from its file; logs the outcome.
     pub(crate) async fn reload_handler(&self, handler: Arc<Handler>) -> Reloaded {
+        let _one_at_a_time = self.reloading.lock().await;
         let (rt, cache, h) = (self.runtime.clone(), self.cache.clone(), handler.clone());
         let outcome = tokio::task::spawn_blocking(move || h.reload(&rt, cache.as_ref()))
             .await
@@ -346,6 +357,7 @@ impl Daemon {
     /// Re-read the config and add, remove or replace handlers to match it. An invalid config
     /// changes nothing.
     pub(crate) async fn reload_config(self: &Arc<Self>) {
+        let _one_at_a_time = self.reloading.lock().await;
         let path = self.config.lock().await.path.clone();
         let new = match Config::load(&path) {
             Ok(c) => c,
@@ -577,7 +589,17 @@ async fn consume_loop<S: Service + 'static>(
             Some(Ok(delivery)) => {
                 let (service, dispatcher, queue) =
                     (service.clone(), dispatcher.clone(), queue.clone());
-                tasks.spawn(async move { dispatcher.handle(&*service, &queue, delivery).await });
+                tasks.spawn(async move {
+                    // `handle` settles every delivery itself; a panic would skip that and pin a
+                    // prefetch slot until the channel closes, so it is caught and rejected here.
+                    let handled = std::panic::AssertUnwindSafe(dispatcher.handle(&*service, &queue, &delivery))
+                        .catch_unwind()
+                        .await;
+                    if handled.is_err() {
+                        error!(%queue, tag = delivery.tag(), "delivery handling panicked; message rejected");
+                        let _ = delivery.reject(false).await;
+                    }
+                });
             }
             Some(Err(e)) if !stop.is_cancelled() => {
                 error!(%queue, error = %e, "consumer failed");

@@ -374,3 +374,33 @@ fn wasi_grants_nothing() {
         "EBADF: no preopened directory"
     );
 }
+
+#[test]
+fn a_guest_that_sleeps_is_stopped_at_once() {
+    // Epoch interruption cannot stop a host call, so a WASI sleep must not be possible at all.
+    let rt = runtime();
+    let m = rt
+        .load(
+            "sleeper",
+            br#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  ;; one clock subscription of 1e18 ns at offset 0, as std::thread::sleep writes it
+  (func (export "nap") (result i32)
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i64.store (i32.const 24) (i64.const 1000000000000000000))
+    (call $poll (i32.const 0) (i32.const 100) (i32.const 1) (i32.const 200))))"#,
+            &Limits::DEFAULT,
+        )
+        .expect("loads");
+    let start = Instant::now();
+    let err = call(&rt, &m, "nap", "{}").expect_err("refused");
+    assert_eq!(err.class, "GuestTrap", "{err}");
+    assert!(err.message.contains("may not block"), "{}", err.message);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        start.elapsed()
+    );
+}

@@ -80,6 +80,21 @@ pub(crate) struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
+    // One memory and a couple of tables per instance: the caps above are per memory and per
+    // table, so a module declaring many of them must not multiply its allowance (the pooling
+    // allocator enforces this too, the on-demand fallback does not).
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        2
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
     fn memory_growing(
         &mut self,
         current: usize,
@@ -178,6 +193,24 @@ fn fail(state: &mut State, failure: Failure) -> wasmtime::Error {
     let err = wasmtime::Error::msg(failure.message.clone());
     state.host_failure = Some(failure);
     err
+}
+
+/// Replace WASI's `poll_oneoff` (call after linking WASI). Epoch interruption stops wasm code,
+/// not a host call: a guest that sleeps (`std::thread::sleep`) would block its thread past its
+/// time limit, holding an invocation slot. Handlers may not block, so the call fails the
+/// invocation at once with a clear message.
+pub(crate) fn forbid_blocking(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    linker.func_wrap(
+        "wasi_snapshot_preview1",
+        "poll_oneoff",
+        |mut caller: Caller<'_, State>, _: i32, _: i32, _: i32, _: i32| -> wasmtime::Result<i32> {
+            let msg = "handlers may not block: WASI poll_oneoff (sleeping, waiting on a clock or a file) is not available";
+            Err(fail(caller.data_mut(), Failure::new(class::GUEST_TRAP, msg)))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Register the `warren_v1` imports on `linker`.

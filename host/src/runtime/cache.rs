@@ -46,8 +46,33 @@ impl ModuleCache {
             .join(format!("{module}-{:016x}.cwasm", hasher.finish()))
     }
 
+    /// Whether the directory is private to this user. Entries are native code the daemon maps
+    /// and runs, so a directory others can write to is never read (or written).
+    fn trusted(&self) -> bool {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir);
+        let (Ok(dir), Ok(me)) = (
+            std::fs::metadata(&self.dir),
+            std::fs::metadata("/proc/self"),
+        ) else {
+            return false;
+        };
+        let private =
+            dir.is_dir() && dir.uid() == me.uid() && dir.permissions().mode() & 0o022 == 0;
+        if !private {
+            tracing::warn!(dir = %self.dir.display(), "compiled-module cache ignored: the directory must belong to this user and not be writable by others");
+        }
+        private
+    }
+
     /// The cached module for `sha256`, if a sound entry exists.
     pub(crate) fn get(&self, engine: &Engine, sha256: &[u8; 32]) -> Option<wasmtime::Module> {
+        if !self.trusted() {
+            return None;
+        }
         let path = self.path(engine, sha256);
         let bytes = std::fs::read(&path).ok()?;
         let valid = bytes.len() > 32 && {
@@ -56,8 +81,9 @@ impl ModuleCache {
         };
         if valid {
             let artifact = &bytes[..bytes.len() - 32];
-            // SAFETY: the trailer proves these are the exact bytes `Module::serialize` wrote for
-            // this key, and wasmtime checks the engine compatibility itself.
+            // SAFETY: the directory is private to this user (`trusted`), so the entry was written
+            // by `put` from `Module::serialize`; the trailer catches truncation and corruption,
+            // and wasmtime checks the engine compatibility itself.
             if let Ok(module) = unsafe { wasmtime::Module::deserialize(engine, artifact) } {
                 return Some(module);
             }
@@ -69,6 +95,9 @@ impl ModuleCache {
 
     /// Store `module` for `sha256`. Failures only cost a recompile later, so they are logged.
     pub(crate) fn put(&self, engine: &Engine, sha256: &[u8; 32], module: &wasmtime::Module) {
+        if !self.trusted() {
+            return;
+        }
         let path = self.path(engine, sha256);
         let write = || -> std::io::Result<()> {
             let mut artifact = module
@@ -76,7 +105,6 @@ impl ModuleCache {
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             let trailer = Sha256::digest(&artifact);
             artifact.extend_from_slice(&trailer);
-            std::fs::create_dir_all(&self.dir)?;
             // Write then rename, so a reader never sees half an entry.
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             std::fs::write(&tmp, &artifact)?;

@@ -140,6 +140,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, State::wasi)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        abi::forbid_blocking(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
         Ok(Self {

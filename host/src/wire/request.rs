@@ -70,9 +70,14 @@ impl Request {
         if whole_seconds < 2.0 {
             return None;
         }
-        Duration::try_from_secs_f64(whole_seconds / 2.0).ok()
+        // Clamped: `_timeout` is the caller's word, and an absurd one must not overflow the
+        // timer arithmetic that uses the interval.
+        Duration::try_from_secs_f64((whole_seconds / 2.0).min(MAX_HEARTBEAT_SECS)).ok()
     }
 }
+
+/// The longest call-monitor heartbeat interval honoured, in seconds (one day).
+const MAX_HEARTBEAT_SECS: f64 = 86_400.0;
 
 /// Decodes a request body with [`Limits::DEFAULT`].
 pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
@@ -118,8 +123,14 @@ fn request_from(
     };
     // Whichever name replies would be routed to must look like a reply queue. `_reply_q` is
     // checked even on casts, since a sane caller never sends a strange one.
+    // `_reply_q` has had one shape since it appeared (`reply_<hex>`, or RabbitMQ's direct
+    // reply-to); only nova's `_msg_id` needs the looser check. Anything else could aim replies
+    // at a service's own queue (`conductor`), with contents the caller chose.
     let reply_queue = reply_q.as_deref().or(msg_id.as_deref());
-    if let Some(queue) = reply_queue.filter(|queue| !valid_reply_queue(queue)) {
+    let strict_ok = |q: &str| q.starts_with("reply_") || q.starts_with("amq.rabbitmq.reply-to.");
+    if let Some(queue) = reply_queue
+        .filter(|queue| !valid_reply_queue(queue) || (reply_q.is_some() && !strict_ok(queue)))
+    {
         return Err(DecodeError::BadReplyQueue(queue.to_owned()));
     }
     // Key presence, not value, marks the post-Essex senders: all three keys arrived after

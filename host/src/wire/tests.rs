@@ -499,9 +499,20 @@ fn requests_with_bad_reply_queues_are_rejected() {
     // A nova caller's msg_id is its queue name.
     let err = decode_err(json!({"method": "m", "_msg_id": "amq.gen-1"}));
     assert!(matches!(err, DecodeError::BadReplyQueue(_)));
+    // `_reply_q` must look like a reply queue, not like a service's topic queue.
+    let err = decode_err(json!({"method": "m", "_msg_id": MSG_ID, "_reply_q": "conductor"}));
+    assert!(matches!(err, DecodeError::BadReplyQueue(q) if q == "conductor"));
     // With a reply queue, the msg_id is only a correlation id.
     let req = json!({"method": "m", "_msg_id": "any.thing", "_reply_q": REPLY_Q});
     assert!(decode_request(req.to_string().as_bytes()).is_ok());
+}
+
+#[test]
+fn absurd_call_monitor_timeouts_are_clamped() {
+    let req = json!({"method": "m", "_msg_id": MSG_ID, "_reply_q": REPLY_Q, "_timeout": 2e19});
+    let req = decode_request(req.to_string().as_bytes()).unwrap();
+    let every = req.heartbeat_interval().unwrap();
+    assert!(every <= std::time::Duration::from_secs(86_400), "{every:?}");
 }
 
 #[test]
@@ -672,7 +683,11 @@ fn heartbeats() {
     assert_eq!(interval(json!(1.9)), None);
     assert_eq!(interval(json!(-5)), None);
     assert_eq!(interval(json!(null)), None);
-    assert_eq!(interval(json!(1e300)), None);
+    assert_eq!(
+        interval(json!(1e300)),
+        Some(Duration::from_secs(86_400)),
+        "clamped"
+    );
 }
 
 #[test]
