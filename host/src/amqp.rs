@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use lapin::Confirmation;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -290,15 +290,6 @@ impl Consumer {
                 .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
         })
     }
-
-    /// As a stream.
-    pub fn into_stream(self) -> impl Stream<Item = Result<Delivery, AmqpError>> {
-        let queue = self.queue;
-        self.inner.map(move |r| {
-            r.map(|inner| Delivery { inner })
-                .map_err(ctx(format!("consumer on '{queue}' failed")))
-        })
-    }
 }
 
 /// One received message. It must end in exactly one of [`Delivery::ack`] or
@@ -438,10 +429,5 @@ impl Publisher {
             },
             Confirmation::Nack(_) => Published::Nacked,
         })
-    }
-
-    /// The underlying channel (to declare what a publisher needs).
-    pub fn channel(&self) -> &Channel {
-        &self.channel
     }
 }

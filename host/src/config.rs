@@ -44,7 +44,7 @@ pub struct Config {
 }
 
 /// `[broker]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broker {
     /// AMQP URL; may hold credentials, so log only [`redact_url`] of it.
     pub url: String,
@@ -59,7 +59,7 @@ pub struct Broker {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
     /// Name used for `<topic>.<server>` routing. Defaults to the host name.
     pub name: String,

@@ -367,11 +367,10 @@ impl Daemon {
             }
         };
         let old = self.config.lock().await.clone();
-        if format!("{:?}{:?}", old.broker.url, old.broker.exchange)
-            != format!("{:?}{:?}", new.broker.url, new.broker.exchange)
-            || old.server.name != new.server.name
-        {
-            warn!("changes to [broker] or the server name take effect after a restart");
+        if old.broker != new.broker || old.server != new.server {
+            warn!(
+                "changes to [broker] or [server] take effect after a restart; handlers are reloaded now"
+            );
         }
         let wanted: HashMap<String, config::Handler> = new
             .handlers

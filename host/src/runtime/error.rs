@@ -53,15 +53,6 @@ impl Failure {
             data: None,
         }
     }
-
-    /// True when the class is one the host raised because the sandbox stopped the guest
-    /// (timeouts, traps, limits), as opposed to an error the guest chose to report.
-    pub fn is_crash(&self) -> bool {
-        matches!(
-            self.class.as_str(),
-            class::TIMEOUT | class::MEMORY_LIMIT_EXCEEDED | class::GUEST_TRAP
-        )
-    }
 }
 
 /// Why a module could not be loaded. A module that fails to load never serves.
