@@ -399,3 +399,89 @@ fn nova_essex_caller_gets_results_streams_and_failures() {
     assert_eq!(failure[0], "ZeroDivisionError", "{out:?}");
     assert_eq!(summary["ended"], true, "{out:?}");
 }
+
+#[test]
+fn call_monitor_heartbeats_flow_while_a_long_call_runs() {
+    // An oslo caller with call_monitor_timeout=2 sends `_timeout: 2` and expects a heartbeat
+    // (result null, ending false) every second while the method runs, then the real reply.
+    use warren::amqp::{Connection, PublishOptions, QueueSpec};
+    use warren::wire::{OutgoingRequest, decode_reply, encode_request, new_id};
+
+    let topic = unique("it_hbeat");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let _daemon = serve_wat(&server, &topic, &spin_wat(), "timeout_ms = 2500");
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let (heartbeats, last) = rt.block_on(async {
+        let conn = Connection::open(&crate::support::broker_url(), "it-heartbeat", 10)
+            .await
+            .expect("connect");
+        let channel = conn.channel().await.expect("channel");
+        let reply_q = format!("reply_{}", new_id());
+        let spec = QueueSpec {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueSpec::default()
+        };
+        channel
+            .declare_queue(&reply_q, &spec)
+            .await
+            .expect("reply queue");
+        let mut replies = channel.consume(&reply_q, &reply_q).await.expect("consume");
+        let publisher = conn
+            .channel()
+            .await
+            .expect("channel")
+            .into_publisher()
+            .await
+            .expect("confirms");
+        let msg_id = new_id();
+        let args = serde_json::value::RawValue::from_string("{}".into()).expect("json");
+        let context = serde_json::Map::new();
+        let body = encode_request(
+            &OutgoingRequest {
+                method: "spin",
+                args: &args,
+                context: &context,
+                msg_id: Some(&msg_id),
+                reply_q: Some(&reply_q),
+                timeout: Some(2.0),
+                version: None,
+                namespace: None,
+            },
+            &new_id(),
+        );
+        let options = PublishOptions {
+            mandatory: true,
+            persistent: false,
+            expiration_ms: None,
+        };
+        publisher
+            .publish("openstack", &topic, &body, &options)
+            .await
+            .expect("publish");
+        let mut heartbeats = 0;
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), replies.next()).await;
+            let delivery = next
+                .expect("a reply within 10 s")
+                .expect("consumer open")
+                .expect("delivery");
+            let _ = delivery.ack().await;
+            let reply = decode_reply(delivery.body()).expect("decodable reply");
+            assert_eq!(reply.msg_id.as_deref(), Some(msg_id.as_str()));
+            if reply.is_heartbeat() {
+                heartbeats += 1;
+            } else {
+                conn.close().await;
+                return (heartbeats, reply);
+            }
+        }
+    });
+    assert!(
+        heartbeats >= 2,
+        "expected a heartbeat every second of a 2.5 s call, got {heartbeats}"
+    );
+    assert!(last.ending, "the final reply ends the call");
+    assert_eq!(last.failure.map(|f| f.class).as_deref(), Some("Timeout"));
+}
