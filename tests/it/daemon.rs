@@ -151,6 +151,9 @@ fn failures_and_unknown_methods_are_remote_errors() {
     let target = any_server(&topic);
 
     let rpc = Rpc::connect();
+    // Args that are not an object are answered, not dropped (the caller would wait forever).
+    let err = remote_error(rpc.call(&target, "add", "[1, 2]", CALL));
+    assert_eq!(err.class, "InvalidArgs", "{err:?}");
     let err = remote_error(rpc.call(&target, "div", r#"{"a": 1, "b": 0}"#, CALL));
     assert_eq!(err.class, "ZeroDivisionError", "{err:?}");
     assert_eq!(

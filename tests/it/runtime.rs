@@ -404,3 +404,30 @@ fn a_guest_that_sleeps_is_stopped_at_once() {
         start.elapsed()
     );
 }
+
+#[test]
+fn output_over_the_stdio_cap_is_truncated_not_fatal() {
+    // 100 KB to stdout (over the 64 KiB cap), then a message on stderr, then a trap: the write
+    // must succeed (truncated), and the later stderr must still reach the caller.
+    let rt = runtime();
+    let m = rt
+        .load(
+            "chatty",
+            br#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (data (i32.const 0) "\00\04\00\00\a0\86\01\00")
+  (data (i32.const 16) "\00\00\02\00\0b\00\00\00")
+  (data (i32.const 131072) "still alive")
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "chat") (result i32)
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+    (drop (call $write (i32.const 2) (i32.const 16) (i32.const 1) (i32.const 32)))
+    unreachable))"#,
+            &Limits::DEFAULT,
+        )
+        .expect("loads");
+    let err = call(&rt, &m, "chat", "{}").expect_err("traps");
+    assert_eq!(err.class, "GuestTrap", "{err}");
+    assert!(err.message.contains("still alive"), "{}", err.message);
+}

@@ -7,9 +7,8 @@ use serde_json::value::RawValue;
 use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-type Bytes = bytes::Bytes;
+use super::stdio::CappedPipe;
 
 use super::error::{Failure, class};
 
@@ -29,14 +28,14 @@ const MAX_LOG_LINE_BYTES: usize = 4096;
 /// most invocations make none, and building it is a good part of a small call's cost.
 pub(crate) struct Wasi {
     ctx: WasiP1Ctx,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
+    stdout: CappedPipe,
+    stderr: CappedPipe,
 }
 
 impl Wasi {
     fn new(max_stdio_bytes: usize) -> Self {
-        let stdout = MemoryOutputPipe::new(max_stdio_bytes);
-        let stderr = MemoryOutputPipe::new(max_stdio_bytes);
+        let stdout = CappedPipe::new(max_stdio_bytes);
+        let stderr = CappedPipe::new(max_stdio_bytes);
         // Nothing granted: no preopens, env, args or sockets; only the captured stdio.
         let ctx = WasiCtxBuilder::new()
             .stdout(stdout.clone())
@@ -139,11 +138,12 @@ impl State {
         &mut self.wasi.get_or_insert_with(|| Wasi::new(cap)).ctx
     }
 
-    /// What the guest wrote to stdout and stderr, if it used WASI at all.
-    pub fn take_stdio(&mut self) -> (Bytes, Bytes) {
+    /// What the guest wrote to stdout and stderr (if it used WASI at all), each with the
+    /// number of bytes dropped over the cap.
+    pub fn take_stdio(&mut self) -> ((Vec<u8>, usize), (Vec<u8>, usize)) {
         match self.wasi.take() {
-            Some(w) => (w.stdout.contents(), w.stderr.contents()),
-            None => (Bytes::new(), Bytes::new()),
+            Some(w) => (w.stdout.take(), w.stderr.take()),
+            None => ((Vec::new(), 0), (Vec::new(), 0)),
         }
     }
 }

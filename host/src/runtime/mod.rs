@@ -12,6 +12,7 @@ mod abi;
 mod cache;
 pub mod engine;
 pub mod error;
+mod stdio;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -444,8 +445,16 @@ impl Sandbox {
     /// Forward captured stdio to the log; return stderr when asked (for trap messages). Called
     /// once, at the end of the invocation.
     fn flush_stdio(&mut self, want_stderr: Option<()>) -> String {
-        let (out, err) = self.store.data_mut().take_stdio();
+        let ((out, out_dropped), (err, err_dropped)) = self.store.data_mut().take_stdio();
         let handler = self.module.name();
+        if out_dropped + err_dropped > 0 {
+            tracing::warn!(
+                handler,
+                stdout = out_dropped,
+                stderr = err_dropped,
+                "guest output over the per-invocation cap dropped (bytes)"
+            );
+        }
         for line in String::from_utf8_lossy(&out).lines() {
             tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
         }

@@ -27,8 +27,8 @@ pub struct Request {
     pub single_reply: bool,
     /// The method to invoke.
     pub method: String,
-    /// Keyword arguments, verbatim from the wire. Always a JSON object: `{}` when the
-    /// caller sent none or `null`.
+    /// Keyword arguments, verbatim from the wire: `{}` when the caller sent none or `null`.
+    /// Not necessarily an object; the runtime answers anything else with `InvalidArgs`.
     pub args: Box<RawValue>,
     /// The caller's context: every `_context_<key>` entry, keyed by `<key>`.
     pub context: Map<String, Value>,
@@ -98,16 +98,13 @@ fn request_from(
 ) -> Result<Request, DecodeError> {
     let method = opt_string(fields.method, "method", limits.max_method_len)?
         .ok_or(DecodeError::MissingMethod)?;
+    // Anything but an object is the caller's mistake, but one to answer (`InvalidArgs` from the
+    // runtime) rather than to drop: rejecting it here would leave a caller waiting for its
+    // timeout, since a decode error has no reply address.
     let args = match fields.args {
-        // Borrowed raw values start at their first byte, so no whitespace precedes `{`.
-        Some(raw) if raw.get().starts_with('{') => raw.to_owned(),
         raw if is_null(raw) => RawValue::from_string("{}".to_owned())?,
-        _ => {
-            return Err(DecodeError::BadField {
-                field: "args",
-                expected: "an object or null",
-            });
-        }
+        Some(raw) => raw.to_owned(),
+        None => RawValue::from_string("{}".to_owned())?,
     };
     let msg_id = opt_string(fields.msg_id, "_msg_id", limits.max_id_len)?;
     let reply_q = opt_string(fields.reply_q, "_reply_q", limits.max_id_len)?;
