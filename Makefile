@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-PLUGINS := echo calc
+PLUGINS := echo calc files
 PLUGIN_OUT := plugins/out
 
 .PHONY: all build plugins run test lint bench broker venv clean

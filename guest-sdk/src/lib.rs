@@ -117,24 +117,29 @@ macro_rules! export {
 macro_rules! __export_methods {
     () => {};
     ($name:literal => $handler:path $(, $($rest:tt)*)?) => {
-        $crate::__export_method!($name, $handler);
+        $crate::__export_method!(::core::concat!("rpc:", $name), $name, $handler);
         $crate::__export_methods!($($($rest)*)?);
     };
     ($handler:ident $(, $($rest:tt)*)?) => {
-        $crate::__export_method!(::core::stringify!($handler), $handler);
+        $crate::__export_method!(
+            ::core::concat!("rpc:", ::core::stringify!($handler)),
+            ::core::stringify!($handler),
+            $handler
+        );
         $crate::__export_methods!($($($rest)*)?);
     };
 }
 
-/// Exports one method.
+/// Exports one method, as `rpc:<name>` (ABI.md): a plain `read` or `write` export would be the
+/// same linker symbol as libc's, and std's file I/O would call the handler instead.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_method {
-    ($name:expr, $handler:path) => {
+    ($export:expr, $name:expr, $handler:path) => {
         const _: () = {
             $crate::__private::check_method_name($name);
 
-            #[cfg_attr(target_arch = "wasm32", unsafe(export_name = $name))]
+            #[cfg_attr(target_arch = "wasm32", unsafe(export_name = $export))]
             #[allow(dead_code)]
             extern "C" fn __warren_method() -> i32 {
                 $crate::__private::run($handler)

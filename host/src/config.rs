@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::runtime::Limits;
+use crate::runtime::{Grants, Limits, Preopen};
 
 /// The local broker every tool falls back to.
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -132,6 +132,21 @@ struct HandlerFile {
     timeout_ms: Option<Spanned<u64>>,
     memory_mib: Option<Spanned<u64>>,
     max_result_bytes: Option<usize>,
+    max_args_bytes: Option<usize>,
+    log_stdio: Option<bool>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    dirs: Vec<Spanned<DirFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirFile {
+    host: PathBuf,
+    guest: String,
+    #[serde(default)]
+    writable: bool,
 }
 
 impl Config {
@@ -289,6 +304,42 @@ impl Config {
             if let Some(r) = h.max_result_bytes {
                 limits.max_result_bytes = r;
             }
+            if let Some(a) = h.max_args_bytes {
+                limits.max_args_bytes = a;
+            }
+            if let Some(l) = h.log_stdio {
+                limits.log_stdio = l;
+            }
+            let mut grants = Grants {
+                env: h.env.into_iter().collect(),
+                dirs: Vec::new(),
+            };
+            for (j, dir) in h.dirs.iter().enumerate() {
+                let d = dir.get_ref();
+                let host = base.join(&d.host);
+                if !host.is_dir() {
+                    return Err(at(
+                        Some(dir.span()),
+                        &format!("handler[{i}].dirs[{j}].host"),
+                        format!("{} is not a directory", host.display()),
+                    ));
+                }
+                if d.guest.is_empty() {
+                    return Err(at(
+                        Some(dir.span()),
+                        &format!("handler[{i}].dirs[{j}].guest"),
+                        "must not be empty".into(),
+                    ));
+                }
+                grants.dirs.push(Preopen {
+                    host,
+                    guest: d.guest.clone(),
+                    writable: d.writable,
+                });
+            }
+            if grants != Grants::default() {
+                limits.grants = Some(std::sync::Arc::new(grants));
+            }
             handlers.push(Handler {
                 topic: topic.clone(),
                 module: base.join(h.module.get_ref()),
@@ -411,6 +462,36 @@ mod tests {
         .expect("valid");
         assert_eq!(c.broker.url, "amqp://u:secret@b:5672/%2f");
         assert_eq!(c.server.name, "node-7");
+    }
+
+    #[test]
+    fn grants_are_parsed_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("w.toml");
+        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+        let text = "[[handler]]\ntopic = \"f\"\nmodule = \"f.wasm\"\nenv = { GREETING = \"hi\" }\ndirs = [{ host = \"data\", guest = \"/data\" }]\n";
+        let c = Config::parse(&config, text, |_| None).expect("valid");
+        let grants = c.handlers[0].limits.grants.clone().expect("granted");
+        assert_eq!(grants.env, [("GREETING".to_owned(), "hi".to_owned())]);
+        assert_eq!(grants.dirs[0].host, dir.path().join("data"));
+        assert!(!grants.dirs[0].writable, "read-only unless stated");
+        assert!(
+            parse("[[handler]]\ntopic = \"a\"\nmodule = \"a.wasm\"\n")
+                .expect("valid")
+                .handlers[0]
+                .limits
+                .grants
+                .is_none(),
+            "nothing by default"
+        );
+
+        let missing = text.replace("\"data\"", "\"nope\"");
+        let e = Config::parse(&config, &missing, |_| None).expect_err("missing dir");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "handler[0].dirs[0].host"),
+            "{e}"
+        );
     }
 
     #[test]

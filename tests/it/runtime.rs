@@ -431,3 +431,123 @@ fn output_over_the_stdio_cap_is_truncated_not_fatal() {
     assert_eq!(err.class, "GuestTrap", "{err}");
     assert!(err.message.contains("still alive"), "{}", err.message);
 }
+
+#[test]
+fn a_handler_reaches_only_what_its_config_grants() {
+    use warren::runtime::{Grants, Preopen};
+    let rt = runtime();
+    let files = load(&rt, "files", &std::fs::read(plugin("files")).expect("read"));
+
+    // Nothing granted: no host files, no host environment.
+    let err = call(&rt, &files, "read", r#"{"path": "/etc/hostname"}"#).expect_err("no files");
+    assert_eq!(err.class, "IOError", "{err}");
+    assert!(std::env::var("PATH").is_ok());
+    let err = call(&rt, &files, "env", r#"{"name": "PATH"}"#).expect_err("no env");
+    assert_eq!(err.class, "KeyError", "{err}");
+
+    let ro = tempfile::tempdir().expect("tempdir");
+    std::fs::write(ro.path().join("hello.txt"), "hello from the host").expect("write");
+    let rw = tempfile::tempdir().expect("tempdir");
+    let grants = Grants {
+        env: vec![("GREETING".into(), "hi".into())],
+        dirs: vec![
+            Preopen {
+                host: ro.path().to_owned(),
+                guest: "/data".into(),
+                writable: false,
+            },
+            Preopen {
+                host: rw.path().to_owned(),
+                guest: "/scratch".into(),
+                writable: true,
+            },
+        ],
+    };
+    let limits = Limits {
+        grants: Some(Arc::new(grants)),
+        ..Limits::DEFAULT
+    };
+    let run = |method: &str, args: &str| call_with(&rt, &files, method, args, "{}", &limits);
+
+    assert_eq!(
+        run("env", r#"{"name": "GREETING"}"#).expect("granted"),
+        [r#""hi""#]
+    );
+    assert_eq!(
+        run("env", r#"{"name": "PATH"}"#)
+            .expect_err("not granted")
+            .class,
+        "KeyError"
+    );
+    assert_eq!(
+        run("read", r#"{"path": "/data/hello.txt"}"#).expect("readable"),
+        [r#""hello from the host""#]
+    );
+    let err = run("write", r#"{"path": "/data/new.txt", "text": "x"}"#).expect_err("read-only");
+    assert_eq!(err.class, "IOError", "{err}");
+    assert!(
+        !ro.path().join("new.txt").exists(),
+        "nothing written to a read-only grant"
+    );
+    assert_eq!(
+        run("read", r#"{"path": "/etc/hostname"}"#)
+            .expect_err("outside")
+            .class,
+        "IOError"
+    );
+    let err = run("read", r#"{"path": "/data/../../etc/hostname"}"#).expect_err("no escape");
+    assert_eq!(err.class, "IOError", "{err}");
+
+    assert_eq!(
+        run("write", r#"{"path": "/scratch/out.txt", "text": "abc"}"#).expect("writable"),
+        ["3"]
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("out.txt")).expect("on the host"),
+        "abc"
+    );
+}
+
+#[test]
+fn oversized_args_are_refused() {
+    let rt = runtime();
+    let echo = load(&rt, "echo", &std::fs::read(plugin("echo")).expect("read"));
+    let limits = Limits {
+        max_args_bytes: 64,
+        ..Limits::DEFAULT
+    };
+    let big = format!(r#"{{"value": "{}"}}"#, "x".repeat(100));
+    let err = call_with(&rt, &echo, "echo", &big, "{}", &limits).expect_err("too big");
+    assert_eq!(err.class, "InvalidArgs", "{err}");
+    assert!(err.message.contains("64"), "{}", err.message);
+}
+
+#[test]
+fn rpc_prefixed_exports_name_methods_and_win_over_plain_ones() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "prefixed",
+        &wat(r#"(data (i32.const 0) "12")
+  (func (export "rpc:read") (result i32) (call $output_write (i32.const 0) (i32.const 1)) i32.const 0)
+  (func (export "read") (result i32) (call $output_write (i32.const 1) (i32.const 1)) i32.const 0)
+  (func (export "rpc:_secret") (result i32) i32.const 0)
+  (func (export "rpc:") (result i32) i32.const 0)"#),
+    );
+    assert_eq!(m.methods().collect::<Vec<_>>(), ["read"]);
+    assert_eq!(
+        call(&rt, &m, "read", "{}").expect("ok"),
+        ["1"],
+        "the rpc: export wins"
+    );
+    assert_eq!(
+        call(&rt, &m, "_secret", "{}").expect_err("reserved").class,
+        "NoSuchMethod"
+    );
+    assert_eq!(
+        call(&rt, &m, "rpc:read", "{}")
+            .expect_err("not a name")
+            .class,
+        "NoSuchMethod"
+    );
+}

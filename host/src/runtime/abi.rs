@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use wasmtime::{Caller, Extern, Linker, Memory, ResourceLimiter};
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::stdio::CappedPipe;
 
+use super::Grants;
 use super::error::{Failure, class};
 
 /// The import module name. A future ABI gets a new name, so old modules never link against it.
@@ -33,17 +34,36 @@ pub(crate) struct Wasi {
 }
 
 impl Wasi {
-    fn new(max_stdio_bytes: usize) -> Self {
+    fn new(max_stdio_bytes: usize, grants: Option<&Grants>) -> Self {
         let stdout = CappedPipe::new(max_stdio_bytes);
         let stderr = CappedPipe::new(max_stdio_bytes);
-        // Nothing granted: no preopens, env, args or sockets; only the captured stdio.
-        let ctx = WasiCtxBuilder::new()
+        // Nothing but the captured stdio unless the handler's config grants it: no args or
+        // sockets ever, environment variables and directories only as listed.
+        let mut builder = WasiCtxBuilder::new();
+        builder
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build_p1();
+            .allow_ip_name_lookup(false);
+        if let Some(grants) = grants {
+            for (name, value) in &grants.env {
+                builder.env(name, value);
+            }
+            for dir in &grants.dirs {
+                let perms = if dir.writable {
+                    FsPerms::ReadWrite
+                } else {
+                    FsPerms::ReadOnly
+                };
+                // Checked to exist when the config was loaded; if it vanished since, the guest
+                // simply does not see it, as if it had not been granted.
+                if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
+                    tracing::warn!(host = %dir.host.display(), error = %e, "granted directory cannot be opened");
+                }
+            }
+        }
+        let ctx = builder.build_p1();
         Self {
             ctx,
             stdout,
@@ -56,6 +76,7 @@ impl Wasi {
 pub(crate) struct State {
     pub wasi: Option<Wasi>,
     pub max_stdio_bytes: usize,
+    pub grants: Option<Arc<Grants>>,
     pub limiter: Limiter,
     pub input: Vec<u8>,
     pub context: Arc<[u8]>,
@@ -134,8 +155,8 @@ impl ResourceLimiter for Limiter {
 impl State {
     /// The WASI context, built on first use.
     pub fn wasi(&mut self) -> &mut WasiP1Ctx {
-        let cap = self.max_stdio_bytes;
-        &mut self.wasi.get_or_insert_with(|| Wasi::new(cap)).ctx
+        let (cap, grants) = (self.max_stdio_bytes, self.grants.as_deref());
+        &mut self.wasi.get_or_insert_with(|| Wasi::new(cap, grants)).ctx
     }
 
     /// What the guest wrote to stdout and stderr (if it used WASI at all), each with the

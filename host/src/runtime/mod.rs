@@ -41,6 +41,32 @@ pub struct Limits {
     pub max_result_bytes: usize,
     /// Bytes of guest stdout and of stderr kept per invocation.
     pub max_stdio_bytes: usize,
+    /// Largest args accepted, in bytes of JSON.
+    pub max_args_bytes: usize,
+    /// Forward the guest's stdout and stderr to the log (stderr still reaches trap errors).
+    pub log_stdio: bool,
+    /// What the guest may reach through WASI; `None` grants nothing.
+    pub grants: Option<Arc<Grants>>,
+}
+
+/// Capabilities granted to a handler through WASI. Nothing unless the config says so.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// Environment variables the guest sees, with their values.
+    pub env: Vec<(String, String)>,
+    /// Host directories the guest may open.
+    pub dirs: Vec<Preopen>,
+}
+
+/// One host directory made visible to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The directory on the host.
+    pub host: std::path::PathBuf,
+    /// Where the guest sees it (e.g. `/data`).
+    pub guest: String,
+    /// Whether the guest may create, change and delete files there.
+    pub writable: bool,
 }
 
 impl Limits {
@@ -51,6 +77,9 @@ impl Limits {
         table_elements: 100_000,
         max_result_bytes: 1 << 20,
         max_stdio_bytes: 64 << 10,
+        max_args_bytes: 1 << 20,
+        log_stdio: true,
+        grants: None,
     };
 }
 
@@ -99,6 +128,9 @@ impl Module {
     }
 }
 
+/// Prefix of an export that names a method explicitly (`rpc:read` is the method `read`).
+pub const METHOD_PREFIX: &str = "rpc:";
+
 /// Whether an export name may be called as an RPC method (ABI.md, "Which exports are methods").
 pub fn is_reserved_name(name: &str) -> bool {
     name.starts_with('_')
@@ -113,6 +145,20 @@ pub fn parse_args(text: &str) -> Result<Box<RawValue>, Failure> {
         .map_err(|e| Failure::new(class::INVALID_ARGS, format!("args are not valid JSON: {e}")))?;
     check_args(&value)?;
     Ok(value)
+}
+
+fn check_args_size(args: &RawValue, limits: &Limits) -> Result<(), Failure> {
+    let len = args.get().len();
+    if len > limits.max_args_bytes {
+        return Err(Failure::new(
+            class::INVALID_ARGS,
+            format!(
+                "args are {len} bytes, over the handler's cap of {}",
+                limits.max_args_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_args(args: &RawValue) -> Result<(), Failure> {
@@ -232,11 +278,21 @@ impl Runtime {
             let is_method_type = ty.params().len() == 0
                 && ty.results().len() == 1
                 && matches!(ty.results().next(), Some(wasmtime::ValType::I32));
-            if is_method_type
-                && !is_reserved_name(export.name())
-                && let Some(index) = module.get_export_index(export.name())
-            {
-                methods.insert(export.name().to_owned(), index);
+            // `rpc:<name>` is the method `<name>` and wins over a plain export of that name
+            // (ABI.md): it lets toolchains whose export name is the linker symbol avoid
+            // clashing with libc (`read`, `write`, `div`, ...).
+            let (name, prefixed) = match export.name().strip_prefix(METHOD_PREFIX) {
+                Some(name) => (name, true),
+                None => (export.name(), false),
+            };
+            if !is_method_type || name.is_empty() || is_reserved_name(name) {
+                continue;
+            }
+            if !prefixed && methods.contains_key(name) {
+                continue;
+            }
+            if let Some(index) = module.get_export_index(export.name()) {
+                methods.insert(name.to_owned(), index);
             }
         }
         let initialize = module.get_export_index("_initialize");
@@ -277,6 +333,7 @@ impl Runtime {
             return Err(no_such_method(module, method));
         };
         check_args(args)?;
+        check_args_size(args, limits)?;
         let mut sandbox = self.sandbox(module, args.get().as_bytes().to_vec(), context, limits);
         let instance = sandbox.start()?;
         let status = sandbox.call_i32(&instance, export)?;
@@ -293,6 +350,7 @@ impl Runtime {
         let state = State {
             wasi: None,
             max_stdio_bytes: limits.max_stdio_bytes,
+            grants: limits.grants.clone(),
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
@@ -317,6 +375,7 @@ impl Runtime {
             store,
             module: module.clone(),
             timeout: limits.timeout,
+            log_stdio: limits.log_stdio,
         }
     }
 }
@@ -326,6 +385,7 @@ struct Sandbox {
     store: Store<State>,
     module: Module,
     timeout: Duration,
+    log_stdio: bool,
 }
 
 impl Sandbox {
@@ -455,12 +515,14 @@ impl Sandbox {
                 "guest output over the per-invocation cap dropped (bytes)"
             );
         }
-        for line in String::from_utf8_lossy(&out).lines() {
-            tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
-        }
         let text = String::from_utf8_lossy(&err).into_owned();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
+        if self.log_stdio {
+            for line in String::from_utf8_lossy(&out).lines() {
+                tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
+            }
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
+            }
         }
         if want_stderr.is_some() {
             text
