@@ -34,7 +34,8 @@ fn write(args: Write) -> Result<usize, Error> {
 }
 
 fn env(args: Var) -> Result<String, Error> {
-    std::env::var(&args.name).map_err(|_| Error::new("KeyError", format!("{} is not set", args.name)))
+    std::env::var(&args.name)
+        .map_err(|_| Error::new("KeyError", format!("{} is not set", args.name)))
 }
 
 warren_guest::export!(read, write, env);
