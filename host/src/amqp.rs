@@ -377,6 +377,9 @@ pub struct PublishOptions {
     pub mandatory: bool,
     /// Delivery mode 2 (the kombu default) rather than 1.
     pub persistent: bool,
+    /// The AMQP `user_id` property. RabbitMQ refuses a message whose `user_id` is not the
+    /// connection's user, which makes it the one caller identity a receiver can trust.
+    pub user_id: Option<String>,
     /// AMQP `expiration`, milliseconds.
     pub expiration_ms: Option<u64>,
 }
@@ -400,6 +403,9 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_delivery_mode(if options.persistent { 2 } else { 1 });
+        if let Some(user) = &options.user_id {
+            props = props.with_user_id(short(user)?);
+        }
         if let Some(ms) = options.expiration_ms {
             props = props.with_expiration(ms.to_string().into());
         }

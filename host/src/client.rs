@@ -96,6 +96,8 @@ pub struct Client {
     reply_queue: String,
     waiters: Waiters,
     reply_task: tokio::task::JoinHandle<()>,
+    /// The login user, sent as `user_id` (RabbitMQ refuses the message if it does not match).
+    user: Option<String>,
 }
 
 impl Client {
@@ -116,6 +118,12 @@ impl Client {
         let consumer = replies.consume(&reply_queue, &reply_queue).await?;
         let waiters: Waiters = Arc::default();
         let reply_task = tokio::spawn(route_replies(consumer, waiters.clone()));
+        // Percent-encoded names are left out rather than decoded by hand: a wrong `user_id`
+        // would make the broker refuse every message.
+        let user = url::Url::parse(url)
+            .ok()
+            .map(|u| u.username().to_owned())
+            .filter(|u| !u.is_empty() && !u.contains('%'));
         Ok(Client {
             conn,
             publisher,
@@ -123,6 +131,7 @@ impl Client {
             reply_queue,
             waiters,
             reply_task,
+            user,
         })
     }
 
@@ -156,6 +165,7 @@ impl Client {
             mandatory: true,
             persistent: true,
             expiration_ms: Some(timeout.as_millis() as u64),
+            user_id: None,
         };
         self.publish(&self.exchange, &target.routing_key(), &body, &options)
             .await?;
@@ -221,6 +231,7 @@ impl Client {
             mandatory: true,
             persistent: true,
             expiration_ms: Some(timeout.as_millis() as u64),
+            user_id: None,
         };
         self.publish(&self.exchange, &target.routing_key(), &body, &options)
             .await?;
@@ -289,6 +300,7 @@ impl Client {
             mandatory: true,
             persistent: true,
             expiration_ms: None,
+            user_id: None,
         };
         self.publish(&self.exchange, &target.routing_key(), &body, &options)
             .await
@@ -309,6 +321,7 @@ impl Client {
             mandatory: true,
             persistent: false,
             expiration_ms: None,
+            user_id: None,
         };
         self.publish(&exchange, topic, &body, &options).await
     }
@@ -334,6 +347,7 @@ impl Client {
             mandatory: true,
             persistent: true,
             expiration_ms: None,
+            user_id: None,
         };
         self.publish(&self.exchange, &key, &body, &options).await
     }
@@ -344,6 +358,7 @@ impl Client {
         self.conn.close().await;
     }
 
+    /// Every publish carries the connection's user as `user_id`, so servers can trust who sent it.
     async fn publish(
         &self,
         exchange: &str,
@@ -351,7 +366,15 @@ impl Client {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<(), CallError> {
-        match self.publisher.publish(exchange, key, body, options).await? {
+        let options = PublishOptions {
+            user_id: self.user.clone(),
+            ..options.clone()
+        };
+        match self
+            .publisher
+            .publish(exchange, key, body, &options)
+            .await?
+        {
             Published::Confirmed => Ok(()),
             Published::Returned { .. } => Err(CallError::NoRoute {
                 exchange: exchange.to_owned(),

@@ -26,6 +26,9 @@ use crate::registry::Handler;
 use crate::runtime::{Failure, Runtime, class};
 use crate::wire::{self, RemoteError, Request};
 
+/// Context key carrying the AMQP `user_id` property, which RabbitMQ validates.
+pub const USER_ID_KEY: &str = "amqp_user_id";
+
 /// What answers the requests of one queue: a Wasm handler, or the daemon's admin topic.
 pub trait Service: Send + Sync {
     /// The topic, for logs.
@@ -144,13 +147,19 @@ impl Dispatcher {
             warn!(content_type = %truncate(ct, 64), "message with a non-JSON content type rejected");
             return Settle::Reject;
         }
-        let request = match wire::decode_request_with(body, &self.limits) {
+        let mut request = match wire::decode_request_with(body, &self.limits) {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, size = body.len(), "undecodable message rejected");
                 return Settle::Reject;
             }
         };
+        // The broker-validated sender, under a key no message can set: `_context_*` fields are
+        // the caller's claims, this is the only identity a handler can trust.
+        request.context.remove(USER_ID_KEY);
+        if let Some(user) = delivery.user_id() {
+            request.context.insert(USER_ID_KEY.to_owned(), user.into());
+        }
         let span = tracing::Span::current();
         span.record("method", truncate(&request.method, 64));
         if let Some(id) = &request.msg_id {
@@ -312,6 +321,7 @@ fn reply_options() -> PublishOptions {
         mandatory: true,
         persistent: false,
         expiration_ms: None,
+        user_id: None,
     }
 }
 

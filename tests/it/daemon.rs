@@ -404,6 +404,28 @@ fn nova_essex_caller_gets_results_streams_and_failures() {
 }
 
 #[test]
+fn the_broker_validated_user_reaches_the_handler_and_cannot_be_spoofed() {
+    let topic = unique("it_user");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let _daemon = serve_plugin(&server, &topic, "echo");
+    let rpc = Rpc::connect();
+    // The client sends its login user as `user_id`; a `_context_amqp_user_id` claim is replaced.
+    let ctx = rpc
+        .call_with_context(
+            &any_server(&topic),
+            "context",
+            "{}",
+            r#"{"amqp_user_id": "admin", "x": 1}"#,
+            CALL,
+        )
+        .expect("context");
+    let ctx: serde_json::Value = serde_json::from_str(&ctx).expect("json");
+    assert_eq!(ctx["amqp_user_id"], "guest", "{ctx}");
+    assert_eq!(ctx["x"], 1, "other context fields pass through");
+}
+
+#[test]
 fn call_monitor_heartbeats_flow_while_a_long_call_runs() {
     // An oslo caller with call_monitor_timeout=2 sends `_timeout: 2` and expects a heartbeat
     // (result null, ending false) every second while the method runs, then the real reply.
@@ -456,8 +478,7 @@ fn call_monitor_heartbeats_flow_while_a_long_call_runs() {
         );
         let options = PublishOptions {
             mandatory: true,
-            persistent: false,
-            expiration_ms: None,
+            ..PublishOptions::default()
         };
         publisher
             .publish("openstack", &topic, &body, &options)

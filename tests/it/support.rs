@@ -318,6 +318,24 @@ impl Rpc {
             .map(|r| r.get().to_owned())
     }
 
+    /// `call` with a request context (a JSON object).
+    pub fn call_with_context(
+        &self,
+        target: &Target,
+        method: &str,
+        args: &str,
+        context: &str,
+        timeout: Duration,
+    ) -> Result<String, CallError> {
+        let context: Map<String, Value> = serde_json::from_str(context).expect("context object");
+        self.rt
+            .block_on(
+                self.client()
+                    .call(target, method, &raw(args), &context, timeout),
+            )
+            .map(|r| r.get().to_owned())
+    }
+
     /// `multicall`, collecting every item (results, then possibly one error) until it ends.
     pub fn multicall(
         &self,
