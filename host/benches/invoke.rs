@@ -5,30 +5,16 @@
 //! plugins first if they are missing.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use warren::runtime::{EngineSettings, Limits, Runtime, parse_args};
 
+#[path = "../../tests/common/example_plugins.rs"]
+mod example_plugins;
+
 fn echo_module() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = root.join("plugins/target/wasm32-wasip1/release/echo.wasm");
-    if !path.exists() {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--manifest-path",
-            ])
-            .arg(root.join("plugins/Cargo.toml"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the example plugins failed");
-    }
-    path
+    example_plugins::example_plugin("echo")
 }
 
 const MINIMAL_ECHO: &str = r#"(module

@@ -196,23 +196,9 @@ async fn main() {
     client.close().await;
 }
 
+#[path = "../../tests/common/example_plugins.rs"]
+mod example_plugins;
+
 fn echo_module() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = root.join("plugins/target/wasm32-wasip1/release/echo.wasm");
-    if !path.exists() {
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    "wasm32-wasip1",
-                    "--manifest-path",
-                ])
-                .arg(root.join("plugins/Cargo.toml"))
-                .status()
-                .expect("cargo runs");
-        assert!(status.success(), "building the example plugins failed");
-    }
-    path
+    example_plugins::example_plugin("echo")
 }

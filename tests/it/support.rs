@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -31,28 +31,12 @@ pub fn warren() -> Command {
     cmd
 }
 
+#[path = "../common/example_plugins.rs"]
+mod example_plugins;
+
 /// Build the example plugins from source (once per test process) and return `name`'s module.
 pub fn plugin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = repo();
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "--manifest-path",
-            ])
-            .arg(root.join("plugins/Cargo.toml"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the example plugins failed");
-        root.join("plugins/target/wasm32-wasip1/release")
-    });
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} was not built", path.display());
-    path
+    example_plugins::example_plugin(name)
 }
 
 /// A name no other test (or earlier run) uses: `<prefix>_<8 hex>`.
