@@ -19,6 +19,43 @@ plugins:
 	  cp plugins/target/$(WASM_TARGET)/release/$$p.wasm $(PLUGIN_OUT)/.$$p.wasm.tmp && \
 	  mv $(PLUGIN_OUT)/.$$p.wasm.tmp $(PLUGIN_OUT)/$$p.wasm; done
 	@echo "plugins: $(addprefix $(PLUGIN_OUT)/,$(addsuffix .wasm,$(PLUGINS)))"
+	@$(MAKE) --no-print-directory polyglot-plugins
+
+# The polyglot example plugins (plugins/polyglot.md): one per language, all with the same
+# methods and replies, built into plugins/out/<name>.wasm. tests/it/polyglot.rs runs this too.
+POLYGLOT := hello-rust hello-c hello-as
+WASI_CC ?= clang
+WASI_CFLAGS := --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror -I guest-sdk/c
+C_HINT := needs clang for wasm32-wasi (Debian: apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32)
+AS_HINT := needs Node.js and npm (Debian: apt-get install nodejs npm)
+
+.PHONY: polyglot-plugins $(addprefix polyglot-,$(POLYGLOT))
+polyglot-plugins: $(addprefix polyglot-,$(POLYGLOT))
+	@echo "polyglot plugins: $(addprefix $(PLUGIN_OUT)/,$(addsuffix .wasm,$(POLYGLOT)))"
+
+polyglot-hello-rust:
+	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path plugins/Cargo.toml -p hello-rust
+	@mkdir -p $(PLUGIN_OUT)
+	@cp plugins/target/$(WASM_TARGET)/release/hello_rust.wasm $(PLUGIN_OUT)/.hello-rust.wasm.tmp && \
+	  mv $(PLUGIN_OUT)/.hello-rust.wasm.tmp $(PLUGIN_OUT)/hello-rust.wasm
+
+polyglot-hello-c:
+	@command -v $(WASI_CC) >/dev/null || { echo "hello-c $(C_HINT)" >&2; exit 1; }
+	@mkdir -p $(PLUGIN_OUT)
+	$(WASI_CC) $(WASI_CFLAGS) -o $(PLUGIN_OUT)/.hello-c.wasm.tmp plugins/hello-c/hello.c || \
+	  { echo "hello-c $(C_HINT)" >&2; exit 1; }
+	@mv $(PLUGIN_OUT)/.hello-c.wasm.tmp $(PLUGIN_OUT)/hello-c.wasm
+
+# npm ci only when node_modules is missing or older than the lock file.
+polyglot-hello-as:
+	@command -v npm >/dev/null || { echo "hello-as $(AS_HINT)" >&2; exit 1; }
+	@cd plugins/hello-as && { [ node_modules/.package-lock.json -nt package-lock.json ] || \
+	  npm ci --no-audit --no-fund --loglevel=error; }
+	cd plugins/hello-as && npm run --silent build
+	@mkdir -p $(PLUGIN_OUT)
+	@cp plugins/hello-as/build/hello-as.wasm $(PLUGIN_OUT)/.hello-as.wasm.tmp && \
+	  mv $(PLUGIN_OUT)/.hello-as.wasm.tmp $(PLUGIN_OUT)/hello-as.wasm
 
 build: plugins
 	$(CARGO) build --release -p warren
