@@ -23,7 +23,7 @@ plugins:
 
 # The polyglot example plugins (plugins/polyglot.md): one per language, all with the same
 # methods and replies, built into plugins/out/<name>.wasm. tests/it/polyglot.rs runs this too.
-POLYGLOT := hello-rust hello-c hello-as
+POLYGLOT := hello-rust hello-c hello-as hello-py hello-js hello-rust-component
 WASI_CC ?= clang
 WASI_CFLAGS := --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror -I guest-sdk/c
 C_HINT := needs clang for wasm32-wasi (Debian: apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32)
@@ -56,6 +56,36 @@ polyglot-hello-as:
 	@mkdir -p $(PLUGIN_OUT)
 	@cp plugins/hello-as/build/hello-as.wasm $(PLUGIN_OUT)/.hello-as.wasm.tmp && \
 	  mv $(PLUGIN_OUT)/.hello-as.wasm.tmp $(PLUGIN_OUT)/hello-as.wasm
+
+# Components (guest-sdk/wit): Python (componentize-py, installed into plugins/hello-py/.venv),
+# JavaScript (componentize-js, npm) and Rust on wasm32-wasip2. The Python and JavaScript ones
+# take tens of seconds, so they are rebuilt only when a source is newer than the output.
+WIT := guest-sdk/wit/warren.wit
+PY_HINT := needs python3 with venv (Debian: apt-get install python3-venv)
+
+polyglot-hello-py: $(PLUGIN_OUT)/hello-py.wasm
+$(PLUGIN_OUT)/hello-py.wasm: plugins/hello-py/app.py plugins/hello-py/build.sh plugins/hello-py/requirements.txt $(WIT)
+	@command -v python3 >/dev/null || { echo "hello-py $(PY_HINT)" >&2; exit 1; }
+	@mkdir -p $(PLUGIN_OUT)
+	plugins/hello-py/build.sh $(CURDIR)/$(PLUGIN_OUT)/.hello-py.wasm.tmp
+	@mv $(PLUGIN_OUT)/.hello-py.wasm.tmp $@
+
+polyglot-hello-js: $(PLUGIN_OUT)/hello-js.wasm
+$(PLUGIN_OUT)/hello-js.wasm: plugins/hello-js/hello.js plugins/hello-js/build.mjs plugins/hello-js/package-lock.json $(WIT)
+	@command -v npm >/dev/null || { echo "hello-js $(AS_HINT)" >&2; exit 1; }
+	@cd plugins/hello-js && { [ node_modules/.package-lock.json -nt package-lock.json ] || \
+	  npm ci --no-audit --no-fund --loglevel=error; }
+	@mkdir -p $(PLUGIN_OUT)
+	node plugins/hello-js/build.mjs $(PLUGIN_OUT)/.hello-js.wasm.tmp
+	@mv $(PLUGIN_OUT)/.hello-js.wasm.tmp $@
+
+polyglot-hello-rust-component:
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+	$(CARGO) build --release --target wasm32-wasip2 --manifest-path plugins/hello-rust-component/Cargo.toml
+	@mkdir -p $(PLUGIN_OUT)
+	@cp plugins/hello-rust-component/target/wasm32-wasip2/release/hello_rust_component.wasm \
+	  $(PLUGIN_OUT)/.hello-rust-component.wasm.tmp && \
+	  mv $(PLUGIN_OUT)/.hello-rust-component.wasm.tmp $(PLUGIN_OUT)/hello-rust-component.wasm
 
 build: plugins
 	$(CARGO) build --release -p warren

@@ -2,6 +2,7 @@
 //! The daemon tests talk to the real RabbitMQ (WARREN_TEST_BROKER_URL, default the local one).
 
 mod cli;
+mod components;
 mod daemon;
 mod interop;
 mod reload;

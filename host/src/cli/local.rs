@@ -64,8 +64,14 @@ fn load(path: &Path, limits: &Limits) -> anyhow::Result<(Runtime, Module)> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let module = runtime
-        .load(&name, &bytes, limits)
+    // The daemon's default cache directory: a component (Python's is ~18 MB) takes seconds to
+    // compile, so repeated `invoke`s of the same file reuse the compiled code.
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|dir| warren::runtime::ModuleCache::new(dir.join("warren/modules")));
+    let (module, _) = runtime
+        .load_cached(&name, &bytes, limits, cache.as_ref())
         .with_context(|| format!("cannot load {}", path.display()))?;
     Ok((runtime, module))
 }
@@ -119,15 +125,22 @@ pub fn inspect(args: InspectArgs) -> ExitCode {
     };
     let methods: Vec<&str> = module.methods().collect();
     if args.json {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "abi_version": warren::runtime::ABI_VERSION,
             "sha256": module.sha256().iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "methods": methods,
         });
+        if module.is_component() {
+            doc["world"] = warren::runtime::WIT_PACKAGE.into();
+        }
         println!("{doc}");
     } else {
         println!("module:      {}", args.module.display());
-        println!("abi version: {}", warren::runtime::ABI_VERSION);
+        if module.is_component() {
+            println!("component:   world {}", warren::runtime::WIT_PACKAGE);
+        } else {
+            println!("abi version: {}", warren::runtime::ABI_VERSION);
+        }
         println!("sha256:      {}…", module.hash_prefix());
         println!(
             "methods:     {}",

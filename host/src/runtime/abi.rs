@@ -22,8 +22,8 @@ pub const ABI_VERSION: i32 = 1;
 
 /// Guest log lines kept per invocation; the rest are counted and reported once. Bounds what one
 /// chatty or hostile guest can push into the operator's log.
-const MAX_LOG_LINES: usize = 256;
-const MAX_LOG_LINE_BYTES: usize = 4096;
+pub(crate) const MAX_LOG_LINES: usize = 256;
+pub(crate) const MAX_LOG_LINE_BYTES: usize = 4096;
 
 /// WASI preview 1 with nothing granted and stdio captured. Built on the guest's first WASI call:
 /// most invocations make none, and building it is a good part of a small call's cost.
@@ -37,33 +37,7 @@ impl Wasi {
     fn new(max_stdio_bytes: usize, grants: Option<&Grants>) -> Self {
         let stdout = CappedPipe::new(max_stdio_bytes);
         let stderr = CappedPipe::new(max_stdio_bytes);
-        // Nothing but the captured stdio unless the handler's config grants it: no args or
-        // sockets ever, environment variables and directories only as listed.
-        let mut builder = WasiCtxBuilder::new();
-        builder
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false);
-        if let Some(grants) = grants {
-            for (name, value) in &grants.env {
-                builder.env(name, value);
-            }
-            for dir in &grants.dirs {
-                let perms = if dir.writable {
-                    FsPerms::ReadWrite
-                } else {
-                    FsPerms::ReadOnly
-                };
-                // Checked to exist when the config was loaded; if it vanished since, the guest
-                // simply does not see it, as if it had not been granted.
-                if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
-                    tracing::warn!(host = %dir.host.display(), error = %e, "granted directory cannot be opened");
-                }
-            }
-        }
-        let ctx = builder.build_p1();
+        let ctx = wasi_builder(&stdout, &stderr, grants).build_p1();
         Self {
             ctx,
             stdout,
@@ -72,9 +46,47 @@ impl Wasi {
     }
 }
 
+/// The WASI configuration both loaders use (preview 1 for modules, preview 2 for components):
+/// captured stdio and exactly what `grants` lists.
+pub(crate) fn wasi_builder(
+    stdout: &CappedPipe,
+    stderr: &CappedPipe,
+    grants: Option<&Grants>,
+) -> WasiCtxBuilder {
+    // Nothing but the captured stdio unless the handler's config grants it: no args or
+    // sockets ever, environment variables and directories only as listed.
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    if let Some(grants) = grants {
+        for (name, value) in &grants.env {
+            builder.env(name, value);
+        }
+        for dir in &grants.dirs {
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            // Checked to exist when the config was loaded; if it vanished since, the guest
+            // simply does not see it, as if it had not been granted.
+            if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
+                tracing::warn!(host = %dir.host.display(), error = %e, "granted directory cannot be opened");
+            }
+        }
+    }
+    builder
+}
+
 /// Everything one invocation owns. It lives in the `Store`, so it dies with it.
 pub(crate) struct State {
     pub wasi: Option<Wasi>,
+    /// WASI preview 2 and its resource table, for components; built on first use like `wasi`.
+    pub p2: Option<super::component::Wasi2>,
     pub max_stdio_bytes: usize,
     pub grants: Option<Arc<Grants>>,
     pub limiter: Limiter,
@@ -94,25 +106,45 @@ pub(crate) struct State {
 /// Caps linear memory and tables, and remembers that the cap was hit so the resulting trap is
 /// reported as `MemoryLimitExceeded` rather than a generic trap.
 pub(crate) struct Limiter {
+    /// Cap on the total size of all linear memories of the invocation.
     pub memory_bytes: usize,
     pub table_elements: usize,
     pub hit: Option<String>,
+    /// Bytes of linear memory created so far, across all memories.
+    pub memory_used: usize,
+    /// How many memories, tables and core instances the invocation may create: `CORE_COUNTS`
+    /// for a core module, `component::COUNTS` for a component.
+    pub counts: Counts,
 }
 
+/// Per-invocation counts of memories, tables and core instances.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counts {
+    pub memories: usize,
+    pub tables: usize,
+    pub instances: usize,
+}
+
+/// One memory and a couple of tables per instance: the caps above are per table, so a module
+/// declaring many of them must not multiply its allowance (the pooling allocator enforces this
+/// too, the on-demand fallback does not).
+pub(crate) const CORE_COUNTS: Counts = Counts {
+    memories: 1,
+    tables: 2,
+    instances: 1,
+};
+
 impl ResourceLimiter for Limiter {
-    // One memory and a couple of tables per instance: the caps above are per memory and per
-    // table, so a module declaring many of them must not multiply its allowance (the pooling
-    // allocator enforces this too, the on-demand fallback does not).
     fn memories(&self) -> usize {
-        1
+        self.counts.memories
     }
 
     fn tables(&self) -> usize {
-        2
+        self.counts.tables
     }
 
     fn instances(&self) -> usize {
-        1
+        self.counts.instances
     }
 
     fn memory_growing(
@@ -121,7 +153,13 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        // The cap is on all memories together (a component has several; a module has one, so
+        // for it this is `desired > cap`). Every memory starts with a call from 0 bytes.
+        let total = self
+            .memory_used
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.memory_bytes {
             let msg = format!(
                 "linear memory tried to grow from {current} to {desired} bytes, over the cap of {} bytes",
                 self.memory_bytes
@@ -131,6 +169,7 @@ impl ResourceLimiter for Limiter {
             // grow would otherwise abort with a message that hides the cause.
             return Err(wasmtime::Error::msg(msg));
         }
+        self.memory_used = total;
         Ok(true)
     }
 
@@ -162,9 +201,29 @@ impl State {
     /// What the guest wrote to stdout and stderr (if it used WASI at all), each with the
     /// number of bytes dropped over the cap.
     pub fn take_stdio(&mut self) -> ((Vec<u8>, usize), (Vec<u8>, usize)) {
-        match self.wasi.take() {
-            Some(w) => (w.stdout.take(), w.stderr.take()),
-            None => ((Vec::new(), 0), (Vec::new(), 0)),
+        match (self.wasi.take(), self.p2.take()) {
+            (Some(w), _) => (w.stdout.take(), w.stderr.take()),
+            (None, Some(w)) => (w.stdout.take(), w.stderr.take()),
+            (None, None) => ((Vec::new(), 0), (Vec::new(), 0)),
+        }
+    }
+
+    /// Record one result (JSON text), bounded by the result cap.
+    pub fn push_output(&mut self, bytes: &[u8]) -> Result<(), Failure> {
+        self.output_bytes += bytes.len();
+        if self.output_bytes > self.max_output_bytes {
+            let msg = format!("results exceed the cap of {} bytes", self.max_output_bytes);
+            return Err(Failure::new(class::RESULT_TOO_LARGE, msg));
+        }
+        match serde_json::from_slice::<Box<RawValue>>(bytes) {
+            Ok(value) => {
+                self.outputs.push(value);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("result #{} is not valid JSON: {e}", self.outputs.len() + 1);
+                Err(Failure::new(class::INVALID_RESULT, msg))
+            }
         }
     }
 }
@@ -210,7 +269,7 @@ fn read_out(
     Ok((memory, range))
 }
 
-fn fail(state: &mut State, failure: Failure) -> wasmtime::Error {
+pub(crate) fn fail(state: &mut State, failure: Failure) -> wasmtime::Error {
     let err = wasmtime::Error::msg(failure.message.clone());
     state.host_failure = Some(failure);
     err
@@ -258,21 +317,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
         |mut caller: Caller<'_, State>, src: i32, len: i32| -> wasmtime::Result<()> {
             let (memory, range) = read_out(&mut caller, src, len)?;
             let (mem, state) = memory.data_and_store_mut(&mut caller);
-            let bytes = &mem[range];
-            state.output_bytes += bytes.len();
-            if state.output_bytes > state.max_output_bytes {
-                let msg = format!("results exceed the cap of {} bytes", state.max_output_bytes);
-                return Err(fail(state, Failure::new(class::RESULT_TOO_LARGE, msg)));
-            }
-            match serde_json::from_slice::<Box<RawValue>>(bytes) {
-                Ok(value) => {
-                    state.outputs.push(value);
-                    Ok(())
-                }
-                Err(e) => {
-                    let msg = format!("result #{} is not valid JSON: {e}", state.outputs.len() + 1);
-                    Err(fail(state, Failure::new(class::INVALID_RESULT, msg)))
-                }
+            match state.push_output(&mem[range]) {
+                Ok(()) => Ok(()),
+                Err(failure) => Err(fail(state, failure)),
             }
         },
     )?;

@@ -1,4 +1,4 @@
-//! On-disk cache of compiled modules, so a restart with many handlers does not recompile them.
+//! On-disk cache of compiled modules (and components), so a restart with many handlers does not recompile them.
 //!
 //! An entry is keyed by the module's SHA-256 and the engine's compatibility hash (wasmtime
 //! version and every setting that affects code), and carries a SHA-256 trailer of its own bytes.
@@ -38,12 +38,18 @@ impl ModuleCache {
         &self.dir
     }
 
-    fn path(&self, engine: &Engine, sha256: &[u8; 32]) -> PathBuf {
+    /// The entry for `sha256`. Components get their own suffix: an artifact is only ever read
+    /// back as the kind it was written as (wasmtime would refuse the other kind anyway).
+    fn path(&self, engine: &Engine, sha256: &[u8; 32], kind: Kind) -> PathBuf {
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let module: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+        let suffix = match kind {
+            Kind::Module => "cwasm",
+            Kind::Component => "component.cwasm",
+        };
         self.dir
-            .join(format!("{module}-{:016x}.cwasm", hasher.finish()))
+            .join(format!("{module}-{:016x}.{suffix}", hasher.finish()))
     }
 
     /// Whether the directory is private to this user. Entries are native code the daemon maps
@@ -70,23 +76,45 @@ impl ModuleCache {
 
     /// The cached module for `sha256`, if a sound entry exists.
     pub(crate) fn get(&self, engine: &Engine, sha256: &[u8; 32]) -> Option<wasmtime::Module> {
+        self.read(engine, sha256, Kind::Module, |artifact| {
+            // SAFETY: the directory is private to this user (`trusted`), so the entry was written
+            // by `put` from `Module::serialize`; the trailer catches truncation and corruption,
+            // and wasmtime checks the engine compatibility itself.
+            unsafe { wasmtime::Module::deserialize(engine, artifact) }.ok()
+        })
+    }
+
+    /// The cached component for `sha256`, if a sound entry exists.
+    pub(crate) fn get_component(
+        &self,
+        engine: &Engine,
+        sha256: &[u8; 32],
+    ) -> Option<wasmtime::component::Component> {
+        self.read(engine, sha256, Kind::Component, |artifact| {
+            // SAFETY: as in `get`: written by `put_component` from `Component::serialize` into a
+            // private directory, and checked against its trailer.
+            unsafe { wasmtime::component::Component::deserialize(engine, artifact) }.ok()
+        })
+    }
+
+    fn read<T>(
+        &self,
+        engine: &Engine,
+        sha256: &[u8; 32],
+        kind: Kind,
+        deserialize: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> Option<T> {
         if !self.trusted() {
             return None;
         }
-        let path = self.path(engine, sha256);
+        let path = self.path(engine, sha256, kind);
         let bytes = std::fs::read(&path).ok()?;
         let valid = bytes.len() > 32 && {
             let (artifact, trailer) = bytes.split_at(bytes.len() - 32);
             Sha256::digest(artifact).as_slice() == trailer
         };
-        if valid {
-            let artifact = &bytes[..bytes.len() - 32];
-            // SAFETY: the directory is private to this user (`trusted`), so the entry was written
-            // by `put` from `Module::serialize`; the trailer catches truncation and corruption,
-            // and wasmtime checks the engine compatibility itself.
-            if let Ok(module) = unsafe { wasmtime::Module::deserialize(engine, artifact) } {
-                return Some(module);
-            }
+        if valid && let Some(code) = deserialize(&bytes[..bytes.len() - 32]) {
+            return Some(code);
         }
         tracing::warn!(path = %path.display(), "compiled-module cache entry is stale or corrupt; recompiling");
         let _ = std::fs::remove_file(&path);
@@ -95,14 +123,32 @@ impl ModuleCache {
 
     /// Store `module` for `sha256`. Failures only cost a recompile later, so they are logged.
     pub(crate) fn put(&self, engine: &Engine, sha256: &[u8; 32], module: &wasmtime::Module) {
+        self.write(engine, sha256, Kind::Module, || module.serialize());
+    }
+
+    /// Store `component` for `sha256`, like [`ModuleCache::put`].
+    pub(crate) fn put_component(
+        &self,
+        engine: &Engine,
+        sha256: &[u8; 32],
+        component: &wasmtime::component::Component,
+    ) {
+        self.write(engine, sha256, Kind::Component, || component.serialize());
+    }
+
+    fn write(
+        &self,
+        engine: &Engine,
+        sha256: &[u8; 32],
+        kind: Kind,
+        serialize: impl FnOnce() -> wasmtime::Result<Vec<u8>>,
+    ) {
         if !self.trusted() {
             return;
         }
-        let path = self.path(engine, sha256);
+        let path = self.path(engine, sha256, kind);
         let write = || -> std::io::Result<()> {
-            let mut artifact = module
-                .serialize()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut artifact = serialize().map_err(|e| std::io::Error::other(e.to_string()))?;
             let trailer = Sha256::digest(&artifact);
             artifact.extend_from_slice(&trailer);
             // Write then rename, so a reader never sees half an entry.
@@ -114,4 +160,11 @@ impl ModuleCache {
             tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-module cache entry");
         }
     }
+}
+
+/// What a cache entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Module,
+    Component,
 }

@@ -58,12 +58,12 @@ impl Failure {
 /// Why a module could not be loaded. A module that fails to load never serves.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The bytes are not a valid WebAssembly module (or WAT text).
+    /// The bytes are not a valid WebAssembly module or component (or WAT text).
     #[error("not a valid WebAssembly module: {0}")]
     Compile(String),
-    /// The module is a component; this loader takes core modules.
-    #[error("this is a WebAssembly component; Warren ABI v1 handlers are core modules")]
-    Component,
+    /// A component that does not target the Warren WIT world (`guest-sdk/wit/warren.wit`).
+    #[error("component does not target the Warren world warren:handler@1.0.0: {0}")]
+    World(String),
     /// `warren_abi_version` is missing or has the wrong type.
     #[error(
         "module does not export `warren_abi_version: () -> i32`; it was not built for the Warren ABI (see guest-sdk/ABI.md)"

@@ -10,6 +10,7 @@
 
 mod abi;
 mod cache;
+mod component;
 pub mod engine;
 pub mod error;
 mod stdio;
@@ -25,6 +26,7 @@ use wasmtime::{Engine, Extern, InstancePre, Linker, ModuleExport, Store, Trap};
 pub use abi::{ABI_VERSION, IMPORT_MODULE};
 use abi::{Limiter, State};
 pub use cache::{CacheOutcome, ModuleCache};
+pub use component::{WIT_EXPORT, WIT_IMPORT, WIT_PACKAGE};
 pub use engine::{Allocator, EngineSettings};
 pub use error::{Failure, LoadError, class};
 
@@ -83,7 +85,7 @@ impl Limits {
     };
 }
 
-/// A compiled, pre-linked module version. Cheap to clone; in-flight invocations keep the version
+/// A compiled, pre-linked module (or component) version. Cheap to clone; in-flight invocations keep the version
 /// they started with alive, which is what lets hot reload swap without draining.
 #[derive(Clone)]
 pub struct Module {
@@ -92,10 +94,28 @@ pub struct Module {
 
 struct ModuleInner {
     name: Arc<str>,
-    pre: InstancePre<State>,
-    methods: BTreeMap<String, ModuleExport>,
-    initialize: Option<ModuleExport>,
+    code: Code,
+    methods: BTreeMap<String, Method>,
     sha256: [u8; 32],
+}
+
+/// The two loaders' compiled code.
+enum Code {
+    /// A core module speaking ABI v1 (`guest-sdk/ABI.md`).
+    Core {
+        pre: InstancePre<State>,
+        initialize: Option<ModuleExport>,
+    },
+    /// A component targeting the `warren:handler` world (`guest-sdk/wit`).
+    Component(component::ComponentCode),
+}
+
+/// How a method is reached.
+enum Method {
+    /// The core module's export.
+    Core(ModuleExport),
+    /// By name, through the component's `call`.
+    Component,
 }
 
 impl Module {
@@ -107,6 +127,11 @@ impl Module {
     /// Callable method names, sorted.
     pub fn methods(&self) -> impl Iterator<Item = &str> {
         self.inner.methods.keys().map(String::as_str)
+    }
+
+    /// Whether this is a WebAssembly component (rather than a core module).
+    pub fn is_component(&self) -> bool {
+        matches!(self.inner.code, Code::Component(_))
     }
 
     /// Whether `method` is a callable method of this module.
@@ -176,6 +201,7 @@ fn check_args(args: &RawValue) -> Result<(), Failure> {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<State>,
+    component_linker: wasmtime::component::Linker<State>,
     allocator: Allocator,
     _ticker: engine::EpochTicker,
 }
@@ -190,10 +216,13 @@ impl Runtime {
         abi::forbid_blocking(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
         abi::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
+        let component_linker = component::linker(&engine)
+            .map_err(|e| anyhow::anyhow!("cannot link the component world: {e}"))?;
         let ticker = engine::EpochTicker::start(engine.clone())?;
         Ok(Self {
             engine,
             linker,
+            component_linker,
             allocator,
             _ticker: ticker,
         })
@@ -224,10 +253,10 @@ impl Runtime {
         limits: &Limits,
         cache: Option<&ModuleCache>,
     ) -> Result<(Module, CacheOutcome), LoadError> {
-        if is_component(bytes) {
-            return Err(LoadError::Component);
-        }
         let sha256: [u8; 32] = Sha256::digest(bytes).into();
+        if component::is_component(bytes) {
+            return self.load_component(name, bytes, sha256, limits, cache);
+        }
         if let Some(module) = cache.and_then(|c| c.get(&self.engine, &sha256)) {
             return Ok((
                 self.prepare(name, module, sha256, limits)?,
@@ -238,8 +267,8 @@ impl Runtime {
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let prepared = self.prepare(name, module, sha256, limits)?;
         // Only modules that passed the smoke test are worth caching.
-        if let Some(cache) = cache {
-            cache.put(&self.engine, &sha256, &prepared.inner.pre.module().clone());
+        if let (Some(cache), Code::Core { pre, .. }) = (cache, &prepared.inner.code) {
+            cache.put(&self.engine, &sha256, pre.module());
         }
         Ok((prepared, CacheOutcome::Miss))
     }
@@ -292,16 +321,15 @@ impl Runtime {
                 continue;
             }
             if let Some(index) = module.get_export_index(export.name()) {
-                methods.insert(name.to_owned(), index);
+                methods.insert(name.to_owned(), Method::Core(index));
             }
         }
         let initialize = module.get_export_index("_initialize");
         let loaded = Module {
             inner: Arc::new(ModuleInner {
                 name: name.into(),
-                pre,
+                code: Code::Core { pre, initialize },
                 methods,
-                initialize,
                 sha256,
             }),
         };
@@ -329,8 +357,14 @@ impl Runtime {
         context: Arc<[u8]>,
         limits: &Limits,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
-        let Some(export) = module.inner.methods.get(method) else {
-            return Err(no_such_method(module, method));
+        let export = match module.inner.methods.get(method) {
+            Some(Method::Core(export)) => export,
+            Some(Method::Component) => {
+                check_args(args)?;
+                check_args_size(args, limits)?;
+                return self.invoke_component(module, method, args, context, limits);
+            }
+            None => return Err(no_such_method(module, method)),
         };
         check_args(args)?;
         check_args_size(args, limits)?;
@@ -351,10 +385,16 @@ impl Runtime {
             wasi: None,
             max_stdio_bytes: limits.max_stdio_bytes,
             grants: limits.grants.clone(),
+            p2: None,
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
                 hit: None,
+                memory_used: 0,
+                counts: match module.inner.code {
+                    Code::Core { .. } => abi::CORE_COUNTS,
+                    Code::Component(_) => component::COUNTS,
+                },
             },
             input,
             context,
@@ -390,13 +430,14 @@ struct Sandbox {
 
 impl Sandbox {
     fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
-        let instance = self
-            .module
-            .inner
-            .pre
+        let Code::Core { pre, initialize } = &self.module.inner.code else {
+            return Err(Failure::new(class::INTERNAL, "not a core module"));
+        };
+        let initialize = *initialize;
+        let instance = pre
             .instantiate(&mut self.store)
             .map_err(|e| self.classify(e, "instantiation"))?;
-        if let Some(init) = self.module.inner.initialize {
+        if let Some(init) = initialize {
             let func = self.func(&instance, &init)?;
             match func.typed::<(), ()>(&self.store) {
                 Ok(f) => f
@@ -571,9 +612,4 @@ fn parse_guest_error(bytes: &[u8]) -> Failure {
             ),
         ),
     }
-}
-
-/// Components start with the same magic as modules but a different version/layer field.
-fn is_component(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [1, 0]
 }
