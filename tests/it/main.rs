@@ -5,6 +5,7 @@ mod cli;
 mod components;
 mod daemon;
 mod interop;
+mod polyglot;
 mod reload;
 mod runtime;
 mod support;

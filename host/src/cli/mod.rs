@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments, calls the library, prints, and picks exit codes.
 
 mod local;
+mod new;
 mod remote;
 mod serve;
 
@@ -34,6 +35,7 @@ enum Command {
     Serve(serve::ServeArgs),
     Invoke(local::InvokeArgs),
     Inspect(local::InspectArgs),
+    New(new::NewArgs),
     Call(remote::CallArgs),
     Multicall(remote::MulticallArgs),
     Cast(remote::CastArgs),
@@ -59,6 +61,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Invoke(args) => local::invoke(args),
         Command::Inspect(args) => local::inspect(args),
+        Command::New(args) => new::new(args),
         Command::Call(args) => remote::call(args, false),
         Command::Multicall(args) => remote::call(args.call, true),
         Command::Cast(args) => remote::cast(args),
