@@ -522,8 +522,6 @@ fn new_assemblyscript_skeleton_builds_and_answers() {
 fn new_refuses_what_it_cannot_do() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for (args, needle) in [
-        (vec!["--lang", "python", "demo"], "not yet available"),
-        (vec!["--lang", "javascript", "demo"], "not yet available"),
         (vec!["--lang", "c", "Bad Name"], "invalid name"),
         (
             vec!["--lang", "c", "demo", "--sdk-path", "/nonexistent"],
@@ -553,4 +551,43 @@ fn new_refuses_what_it_cannot_do() {
         std::fs::read_to_string(tmp.path().join("keep.txt")).expect("read"),
         "mine"
     );
+}
+
+#[test]
+fn new_python_skeleton_builds_and_answers() {
+    // The README's componentize-py command, run with the pinned componentize-py that building
+    // hello-py installed (plugins/hello-py/.venv): the same version the template pins.
+    polyglot_plugin("hello-py");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = new_project("python", tmp.path());
+    let sdk = repo().join("guest-sdk/wit");
+    run(
+        "componentize-py (python skeleton)",
+        Command::new(repo().join("plugins/hello-py/.venv/bin/componentize-py"))
+            .arg("-d")
+            .arg(&sdk)
+            .args(["-w", "handler-world", "componentize", "app", "-o"])
+            .arg("demo-python.wasm")
+            .current_dir(&dir),
+    );
+    assert_skeleton_answers(&dir.join("demo-python.wasm"));
+}
+
+#[test]
+fn new_javascript_skeleton_builds_and_answers() {
+    // hello-js's `npm ci` fills npm's cache, so this install needs nothing new.
+    polyglot_plugin("hello-js");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = new_project("javascript", tmp.path());
+    run(
+        "npm install (javascript skeleton)",
+        Command::new("npm")
+            .args(["install", "--prefer-offline", "--no-audit", "--no-fund"])
+            .current_dir(&dir),
+    );
+    run(
+        "npm run build (javascript skeleton)",
+        Command::new("npm").args(["run", "build"]).current_dir(&dir),
+    );
+    assert_skeleton_answers(&dir.join("demo-javascript.wasm"));
 }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use clap::{Args, ValueEnum};
 
 use super::usage_error;
@@ -75,6 +75,21 @@ const ASSEMBLYSCRIPT: &[File] = templates!("assemblyscript":
     ".gitignore" => "gitignore.tmpl",
 );
 
+const PYTHON: &[File] = templates!("python":
+    "app.py" => "app.py.tmpl",
+    "requirements.txt" => "requirements.txt.tmpl",
+    "README.md" => "README.md.tmpl",
+    ".gitignore" => "gitignore.tmpl",
+);
+
+const JAVASCRIPT: &[File] = templates!("javascript":
+    "{{name}}.js" => "handler.js.tmpl",
+    "build.mjs" => "build.mjs.tmpl",
+    "package.json" => "package.json.tmpl",
+    "README.md" => "README.md.tmpl",
+    ".gitignore" => "gitignore.tmpl",
+);
+
 /// The AssemblyScript compiler version a new project pins (the one `plugins/hello-as` uses).
 const ASSEMBLYSCRIPT_VERSION: &str = "0.28.20";
 
@@ -84,13 +99,8 @@ fn template(lang: Lang) -> anyhow::Result<(&'static [File], &'static str)> {
         Lang::Rust => Ok((RUST, "Cargo.toml")),
         Lang::C => Ok((C, "c/warren.h")),
         Lang::Assemblyscript => Ok((ASSEMBLYSCRIPT, "assemblyscript/package.json")),
-        Lang::Python | Lang::Javascript => bail!(
-            "`warren new --lang {}` is not yet available: its template has not been written \
-             (rust, c and assemblyscript are)",
-            lang.to_possible_value()
-                .map(|v| v.get_name().to_owned())
-                .unwrap_or_default()
-        ),
+        Lang::Python => Ok((PYTHON, "wit/warren.wit")),
+        Lang::Javascript => Ok((JAVASCRIPT, "wit/warren.wit")),
     }
 }
 
@@ -209,7 +219,13 @@ mod tests {
 
     #[test]
     fn every_placeholder_is_known() {
-        for lang in [Lang::Rust, Lang::C, Lang::Assemblyscript] {
+        for lang in [
+            Lang::Rust,
+            Lang::C,
+            Lang::Assemblyscript,
+            Lang::Python,
+            Lang::Javascript,
+        ] {
             let (files, _) = template(lang).expect("template");
             for (path, text) in files {
                 for piece in text.split("{{").skip(1).chain(path.split("{{").skip(1)) {
@@ -234,10 +250,22 @@ mod tests {
     }
 
     #[test]
-    fn python_and_javascript_say_not_yet() {
-        for lang in [Lang::Python, Lang::Javascript] {
-            let err = template(lang).err().expect("not yet available");
-            assert!(err.to_string().contains("not yet available"), "{err}");
-        }
+    fn component_templates_pin_what_the_examples_use() {
+        let py = include_str!("../../../plugins/hello-py/requirements.txt");
+        let (files, _) = template(Lang::Python).expect("python");
+        let pin = files
+            .iter()
+            .find(|(path, _)| *path == "requirements.txt")
+            .map(|(_, text)| text.trim())
+            .unwrap_or_default();
+        assert!(
+            py.contains(pin),
+            "plugins/hello-py pins another componentize-py: {pin}"
+        );
+        let js = include_str!("../../../plugins/hello-js/package.json");
+        assert!(js.contains("\"@bytecodealliance/componentize-js\": \"0.23.0\""));
+        let (files, _) = template(Lang::Javascript).expect("javascript");
+        assert!(files.iter().any(|(_, text)| text
+            .contains("\"@bytecodealliance/componentize-js\": \"0.23.0\"")));
     }
 }

@@ -57,10 +57,27 @@ fn base_config() -> Config {
 /// Build the engine, preferring the pooling allocator and falling back to on-demand allocation
 /// when the pool cannot be reserved (small `ulimit -v`, some containers), as Spin does.
 pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Allocator)> {
+    // A component instance is made of several core instances (a Python component built by
+    // componentize-py has 14, JavaScript 4, Rust 3), each possibly with its own tables, but one
+    // linear memory so far. `max_instances` counts invocations, so the core-instance and table
+    // slots are sized for components (they cost address space only: ~1 MiB and ~160 KiB
+    // each); memory slots, the expensive ones, stay one per invocation. A component past the
+    // per-component counts fails to instantiate, and one that finds the pool full is
+    // `Overloaded`, as a module is. Core modules keep their limits (one memory, one table).
+    let per = super::component::COUNTS;
+    let component_core_instances = u32::try_from(per.instances / 2).unwrap_or(u32::MAX);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_memories(settings.max_instances)
-        .total_tables(settings.max_instances)
-        .total_core_instances(settings.max_instances)
+        .total_tables(settings.max_instances.saturating_mul(4))
+        .total_core_instances(
+            settings
+                .max_instances
+                .saturating_mul(component_core_instances),
+        )
+        .total_component_instances(settings.max_instances)
+        .max_core_instances_per_component(u32::try_from(per.instances).unwrap_or(u32::MAX))
+        .max_memories_per_component(u32::try_from(per.memories).unwrap_or(u32::MAX))
+        .max_tables_per_component(u32::try_from(per.tables).unwrap_or(u32::MAX))
         .max_memory_size(settings.max_memory_bytes)
         // A fresh instance per call costs page faults on every page the guest touches, and an
         // madvise to drop them afterwards; profiling put that at over half of a small call.
