@@ -24,6 +24,13 @@ impl Service for Admin {
         &self.topic
     }
 
+    fn method_label<'a>(&self, method: &'a str) -> &'a str {
+        match method {
+            "status" | "reload" | "rollback" => method,
+            _ => "-",
+        }
+    }
+
     async fn serve(
         &self,
         _: &Dispatcher,
@@ -79,6 +86,10 @@ impl Service for Admin {
                 let version = handler
                     .rollback()
                     .map_err(|e| Failure::new("NoPreviousVersion", e))?;
+                let v = handler.current();
+                daemon
+                    .metrics
+                    .handler_version(t, Some((v.id, &v.module.hash_prefix())));
                 tracing::info!(topic = %t, version, "handler rolled back");
                 json!({"topic": t, "version": version})
             }

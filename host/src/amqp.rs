@@ -16,8 +16,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 
 /// How long a publish may wait for the broker's confirm once the message is written. RabbitMQ
-/// advises no less than the heartbeat timeout. (Writing itself waits while the connection is
-/// blocked by a resource alarm; bounding that is the broker-fault issue's work.)
+/// advises no less than the heartbeat timeout. While a resource alarm blocks the connection the
+/// broker reads nothing, so this also bounds how long a publish waits out an alarm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What went wrong talking to the broker.
@@ -35,9 +35,20 @@ pub enum AmqpError {
     /// A name longer than AMQP's 255-byte short string.
     #[error("name too long for AMQP ({0} bytes, at most 255)")]
     NameTooLong(usize),
-    /// The broker did not confirm in time.
+    /// The broker did not confirm in time (a blocked connection holds confirms back).
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// No broker connection came back in time.
+    #[error("not connected to the broker (waited {0:?} for a reconnection)")]
+    NotConnected(Duration),
+    /// A message that must be routed was returned or refused.
+    #[error("message not routed ({code}): {text}")]
+    Unroutable {
+        /// AMQP reply code (0 for a nack).
+        code: u16,
+        /// Broker's text.
+        text: String,
+    },
 }
 
 fn ctx(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> AmqpError {
@@ -89,12 +100,42 @@ impl Connection {
         self.inner.status().connected()
     }
 
+    /// Whether the broker has blocked this connection (a resource alarm): publishes are held
+    /// until it is unblocked.
+    pub fn is_blocked(&self) -> bool {
+        self.inner.status().blocked()
+    }
+
+    /// What happens to the connection from now on: blocked, unblocked, failed. The stream is fed
+    /// by lapin's event queue, which only holds these rare connection-level events.
+    pub fn events(&self) -> impl futures_util::Stream<Item = ConnectionEvent> + Send + 'static {
+        self.inner.events_listener().filter_map(|e| async move {
+            match e {
+                lapin::Event::ConnectionBlocked(reason) => Some(ConnectionEvent::Blocked(reason)),
+                lapin::Event::ConnectionUnblocked => Some(ConnectionEvent::Unblocked),
+                lapin::Event::Error(e) => Some(ConnectionEvent::Failed(e.to_string())),
+                _ => None,
+            }
+        })
+    }
+
     /// Close politely.
     pub async fn close(&self) {
         if self.is_connected() {
             let _ = self.inner.close(200, "bye".into()).await;
         }
     }
+}
+
+/// A connection-level event.
+#[derive(Debug, Clone)]
+pub enum ConnectionEvent {
+    /// A resource alarm: the broker stopped reading from this connection.
+    Blocked(String),
+    /// The alarm cleared.
+    Unblocked,
+    /// The connection failed (I/O error, missed heartbeats, closed by the broker).
+    Failed(String),
 }
 
 fn with_heartbeat(url: &str, heartbeat: u16) -> String {
@@ -333,6 +374,27 @@ impl Delivery {
         self.inner.properties.user_id().as_ref().map(|s| s.as_str())
     }
 
+    /// How often the broker delivered this message before, from the `x-delivery-count` header
+    /// that quorum queues set (classic queues only say [`Delivery::redelivered`]).
+    pub fn delivery_count(&self) -> Option<u64> {
+        let headers = self.inner.properties.headers().as_ref()?;
+        match headers.inner().get("x-delivery-count")? {
+            AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+            AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+            AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+            AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+            _ => None,
+        }
+    }
+
+    /// The exchange it was published to.
+    pub fn exchange(&self) -> &str {
+        self.inner.exchange.as_str()
+    }
+
     /// Acknowledge. `Ok(false)` means the ack could not be sent because the channel it came on
     /// is gone; the broker will redeliver it, so it must not be counted as done.
     pub async fn ack(&self) -> Result<bool, AmqpError> {
@@ -382,6 +444,17 @@ pub struct PublishOptions {
     pub user_id: Option<String>,
     /// AMQP `expiration`, milliseconds.
     pub expiration_ms: Option<u64>,
+    /// Message headers.
+    pub headers: Vec<(String, Header)>,
+}
+
+/// A header value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    /// Text (an AMQP long string).
+    Text(String),
+    /// A signed integer.
+    Int(i64),
 }
 
 /// A channel in confirm mode. Cloning shares the channel.
@@ -408,6 +481,17 @@ impl Publisher {
         }
         if let Some(ms) = options.expiration_ms {
             props = props.with_expiration(ms.to_string().into());
+        }
+        if !options.headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (key, value) in &options.headers {
+                let value = match value {
+                    Header::Text(t) => AMQPValue::LongString(t.as_str().into()),
+                    Header::Int(n) => AMQPValue::LongLongInt(*n),
+                };
+                table.insert(short(key)?, value);
+            }
+            props = props.with_headers(table);
         }
         let publish = BasicPublishOptions {
             mandatory: options.mandatory,

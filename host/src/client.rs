@@ -88,24 +88,33 @@ pub enum CallError {
 /// pre-2015 servers, a result and an ending), so what bounds it is the number of calls in flight.
 type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
 
-/// A connected client.
+/// A client. It connects on first use and again, with a fresh reply queue, after the connection
+/// is lost: calls in flight at that moment fail with [`CallError::ReplyConsumerGone`], later
+/// calls go out on the new connection.
 pub struct Client {
+    url: String,
+    exchange: String,
+    /// The login user, sent as `user_id` (RabbitMQ refuses the message if it does not match).
+    user: Option<String>,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+}
+
+/// One connection and its reply queue.
+struct Link {
     conn: Connection,
     publisher: Publisher,
-    exchange: String,
     reply_queue: String,
     waiters: Waiters,
     reply_task: tokio::task::JoinHandle<()>,
-    /// The login user, sent as `user_id` (RabbitMQ refuses the message if it does not match).
-    user: Option<String>,
 }
 
-impl Client {
-    /// Connect to `url` and use `exchange` as the control exchange.
-    pub async fn connect(url: &str, exchange: &str) -> Result<Client, CallError> {
+impl Link {
+    async fn open(url: &str, exchange: &str) -> Result<Link, CallError> {
         let conn = Connection::open(url, "warren-client", 15).await?;
         let publisher = conn.channel().await?.into_publisher().await?;
         ensure_exchange(&conn, exchange, Kind::Topic, false).await?;
+        // A fresh name on every connection: the old exclusive queue may not be gone yet, and
+        // re-declaring it would fail with RESOURCE_LOCKED.
         let reply_queue = format!("reply_{}", wire::new_id());
         let replies = conn.channel().await?;
         // Exclusive: the queue is this client's alone and vanishes with its connection.
@@ -118,6 +127,24 @@ impl Client {
         let consumer = replies.consume(&reply_queue, &reply_queue).await?;
         let waiters: Waiters = Arc::default();
         let reply_task = tokio::spawn(route_replies(consumer, waiters.clone()));
+        Ok(Link {
+            conn,
+            publisher,
+            reply_queue,
+            waiters,
+            reply_task,
+        })
+    }
+
+    fn usable(&self) -> bool {
+        self.conn.is_connected() && !self.reply_task.is_finished()
+    }
+}
+
+impl Client {
+    /// Connect to `url` and use `exchange` as the control exchange.
+    pub async fn connect(url: &str, exchange: &str) -> Result<Client, CallError> {
+        let link = Link::open(url, exchange).await?;
         // Percent-encoded names are left out rather than decoded by hand: a wrong `user_id`
         // would make the broker refuse every message.
         let user = url::Url::parse(url)
@@ -125,14 +152,31 @@ impl Client {
             .map(|u| u.username().to_owned())
             .filter(|u| !u.is_empty() && !u.contains('%'));
         Ok(Client {
-            conn,
-            publisher,
+            url: url.to_owned(),
             exchange: exchange.to_owned(),
-            reply_queue,
-            waiters,
-            reply_task,
             user,
+            link: tokio::sync::Mutex::new(Some(Arc::new(link))),
         })
+    }
+
+    /// The live connection, reconnecting first if the last one was lost.
+    async fn link(&self) -> Result<Arc<Link>, CallError> {
+        let mut slot = self.link.lock().await;
+        if let Some(link) = slot.as_ref().filter(|l| l.usable()) {
+            return Ok(link.clone());
+        }
+        if let Some(old) = slot.take() {
+            old.reply_task.abort();
+            debug!("client connection lost; reconnecting");
+        }
+        let link = Arc::new(Link::open(&self.url, &self.exchange).await?);
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    /// The reply queue of the current connection (a new one after a reconnect).
+    pub async fn reply_queue(&self) -> Result<String, CallError> {
+        Ok(self.link().await?.reply_queue.clone())
     }
 
     /// Call `method` and wait up to `timeout` for its result. Against a streaming handler this
@@ -145,16 +189,17 @@ impl Client {
         context: &Map<String, Value>,
         timeout: Duration,
     ) -> Result<Box<RawValue>, CallError> {
+        let link = self.link().await?;
         let msg_id = wire::new_id();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let _guard = self.register(&msg_id, tx);
+        let _guard = register(&link.waiters, &msg_id, tx);
         let body = wire::encode_request(
             &OutgoingRequest {
                 method,
                 args,
                 context,
                 msg_id: Some(&msg_id),
-                reply_q: Some(&self.reply_queue),
+                reply_q: Some(&link.reply_queue),
                 timeout: None,
                 version: None,
                 namespace: None,
@@ -166,9 +211,16 @@ impl Client {
             persistent: true,
             expiration_ms: Some(timeout.as_millis() as u64),
             user_id: None,
+            headers: Vec::new(),
         };
-        self.publish(&self.exchange, &target.routing_key(), &body, &options)
-            .await?;
+        self.publish_on(
+            &link,
+            &self.exchange,
+            &target.routing_key(),
+            &body,
+            &options,
+        )
+        .await?;
         let wait = async {
             let mut last: Option<Box<RawValue>> = None;
             while let Some(reply) = rx.recv().await {
@@ -205,8 +257,9 @@ impl Client {
         context: &Map<String, Value>,
         timeout: Duration,
     ) -> Result<mpsc::Receiver<Result<Box<RawValue>, CallError>>, CallError> {
+        let link = self.link().await?;
         let msg_id = wire::new_id();
-        let channel = self.conn.channel().await?;
+        let channel = link.conn.channel().await?;
         let spec = QueueSpec {
             exclusive: true,
             auto_delete: true,
@@ -232,9 +285,16 @@ impl Client {
             persistent: true,
             expiration_ms: Some(timeout.as_millis() as u64),
             user_id: None,
+            headers: Vec::new(),
         };
-        self.publish(&self.exchange, &target.routing_key(), &body, &options)
-            .await?;
+        self.publish_on(
+            &link,
+            &self.exchange,
+            &target.routing_key(),
+            &body,
+            &options,
+        )
+        .await?;
         // Bounded: the caller reads results as they come; a slow reader slows our acks.
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -301,6 +361,7 @@ impl Client {
             persistent: true,
             expiration_ms: None,
             user_id: None,
+            headers: Vec::new(),
         };
         self.publish(&self.exchange, &target.routing_key(), &body, &options)
             .await
@@ -315,13 +376,14 @@ impl Client {
         context: &Map<String, Value>,
     ) -> Result<(), CallError> {
         let exchange = format!("{topic}_fanout");
-        ensure_exchange(&self.conn, &exchange, Kind::Fanout, true).await?;
+        ensure_exchange(&self.link().await?.conn, &exchange, Kind::Fanout, true).await?;
         let body = encode_cast(method, args, context);
         let options = PublishOptions {
             mandatory: true,
             persistent: false,
             expiration_ms: None,
             user_id: None,
+            headers: Vec::new(),
         };
         self.publish(&exchange, topic, &body, &options).await
     }
@@ -331,7 +393,7 @@ impl Client {
     pub async fn notify(&self, notification: &Notification<'_>) -> Result<(), CallError> {
         let priority = notification.priority.to_ascii_lowercase();
         let key = format!("{}.{priority}", notification.topic);
-        let channel = self.conn.channel().await?;
+        let channel = self.link().await?.conn.channel().await?;
         channel.declare_queue(&key, &QueueSpec::default()).await?;
         channel.bind(&key, &self.exchange, &key).await?;
         channel.close().await;
@@ -348,14 +410,17 @@ impl Client {
             persistent: true,
             expiration_ms: None,
             user_id: None,
+            headers: Vec::new(),
         };
         self.publish(&self.exchange, &key, &body, &options).await
     }
 
     /// Close the connection.
     pub async fn close(self) {
-        self.reply_task.abort();
-        self.conn.close().await;
+        if let Some(link) = self.link.into_inner() {
+            link.reply_task.abort();
+            link.conn.close().await;
+        }
     }
 
     /// Every publish carries the connection's user as `user_id`, so servers can trust who sent it.
@@ -366,11 +431,23 @@ impl Client {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<(), CallError> {
+        let link = self.link().await?;
+        self.publish_on(&link, exchange, key, body, options).await
+    }
+
+    async fn publish_on(
+        &self,
+        link: &Link,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        options: &PublishOptions,
+    ) -> Result<(), CallError> {
         let options = PublishOptions {
             user_id: self.user.clone(),
             ..options.clone()
         };
-        match self
+        match link
             .publisher
             .publish(exchange, key, body, &options)
             .await?
@@ -383,15 +460,15 @@ impl Client {
             Published::Nacked => Err(CallError::Refused),
         }
     }
+}
 
-    fn register(&self, msg_id: &str, tx: mpsc::UnboundedSender<Reply>) -> WaiterGuard {
-        if let Ok(mut w) = self.waiters.lock() {
-            w.insert(msg_id.to_owned(), tx);
-        }
-        WaiterGuard {
-            waiters: self.waiters.clone(),
-            msg_id: msg_id.to_owned(),
-        }
+fn register(waiters: &Waiters, msg_id: &str, tx: mpsc::UnboundedSender<Reply>) -> WaiterGuard {
+    if let Ok(mut w) = waiters.lock() {
+        w.insert(msg_id.to_owned(), tx);
+    }
+    WaiterGuard {
+        waiters: waiters.clone(),
+        msg_id: msg_id.to_owned(),
     }
 }
 

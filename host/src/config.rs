@@ -41,6 +41,15 @@ pub struct Config {
     pub server: Server,
     /// One entry per topic served.
     pub handlers: Vec<Handler>,
+    /// `[metrics]`: where `/metrics` and `/healthz` are served; `None` when the section is absent.
+    pub metrics: Option<Metrics>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// Listen address of the HTTP endpoint (`127.0.0.1:9464`; port 0 picks a free one).
+    pub address: std::net::SocketAddr,
 }
 
 /// `[broker]`.
@@ -56,6 +65,10 @@ pub struct Broker {
     pub durable: bool,
     /// Declare topic queues as quorum queues (implies durable; oslo's `rabbit_quorum_queue`).
     pub quorum: bool,
+    /// First wait before reconnecting after a connection loss; doubles up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
 }
 
 /// `[server]`.
@@ -77,6 +90,11 @@ pub struct Server {
     pub cache_dir: Option<PathBuf>,
     /// Reload modules and the config when their files change.
     pub watch: bool,
+    /// Deliveries of one request after which it is dead-lettered instead of run again.
+    pub max_deliveries: u32,
+    /// Where poison requests and crashed casts go (a topic exchange and a queue of that name);
+    /// `None`: they are answered with a failure or logged, then acked.
+    pub dead_letter_exchange: Option<String>,
 }
 
 /// One `[[handler]]`.
@@ -99,6 +117,13 @@ struct File {
     server: ServerFile,
     #[serde(default)]
     handler: Vec<HandlerFile>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    address: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -109,6 +134,8 @@ struct BrokerFile {
     heartbeat: Option<u16>,
     durable: Option<bool>,
     quorum: Option<bool>,
+    reconnect_initial_ms: Option<Spanned<u64>>,
+    reconnect_max_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -122,6 +149,8 @@ struct ServerFile {
     max_message_bytes: Option<usize>,
     cache_dir: Option<PathBuf>,
     watch: Option<bool>,
+    max_deliveries: Option<Spanned<u32>>,
+    dead_letter_exchange: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +232,32 @@ impl Config {
             heartbeat: file.broker.heartbeat.unwrap_or(15),
             durable: file.broker.durable.unwrap_or(false) || file.broker.quorum.unwrap_or(false),
             quorum: file.broker.quorum.unwrap_or(false),
+            reconnect_initial: Duration::from_millis(
+                file.broker
+                    .reconnect_initial_ms
+                    .as_ref()
+                    .map_or(100, |v| *v.get_ref()),
+            ),
+            reconnect_max: Duration::from_millis(
+                file.broker
+                    .reconnect_max_ms
+                    .as_ref()
+                    .map_or(5000, |v| *v.get_ref()),
+            ),
         };
+        if broker.reconnect_initial.is_zero() || broker.reconnect_max < broker.reconnect_initial {
+            let span = file
+                .broker
+                .reconnect_max_ms
+                .as_ref()
+                .or(file.broker.reconnect_initial_ms.as_ref())
+                .map(|v| v.span());
+            return Err(at(
+                span,
+                "broker.reconnect_max_ms",
+                "reconnect_initial_ms must be at least 1 and at most reconnect_max_ms".into(),
+            ));
+        }
         if let Err(e) = url::Url::parse(&broker.url) {
             return Err(at(None, "broker.url", format!("not a valid AMQP URL: {e}")));
         }
@@ -259,6 +313,52 @@ impl Config {
                 None => default_cache_dir(&env),
             },
             watch: file.server.watch.unwrap_or(true),
+            max_deliveries: file
+                .server
+                .max_deliveries
+                .as_ref()
+                .map_or(5, |m| *m.get_ref()),
+            dead_letter_exchange: file
+                .server
+                .dead_letter_exchange
+                .as_ref()
+                .map(|d| d.get_ref().clone()),
+        };
+        if server.max_deliveries == 0 {
+            let span = file.server.max_deliveries.as_ref().map(|m| m.span());
+            return Err(at(
+                span,
+                "server.max_deliveries",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(dlx) = &file.server.dead_letter_exchange
+            && !valid_name(dlx.get_ref())
+        {
+            return Err(at(
+                Some(dlx.span()),
+                "server.dead_letter_exchange",
+                format!(
+                    "'{}' must be 1-100 characters of letters, digits, '-', '_' or '.'",
+                    dlx.get_ref()
+                ),
+            ));
+        }
+        let metrics = match &file.metrics {
+            None => None,
+            Some(m) => match m.address.get_ref().parse() {
+                Ok(address) => Some(Metrics { address }),
+                Err(e) => {
+                    return Err(at(
+                        Some(m.address.span()),
+                        "metrics.address",
+                        format!(
+                            "'{}' is not an address like 127.0.0.1:9464: {e}",
+                            m.address.get_ref()
+                        ),
+                    ));
+                }
+            },
         };
 
         let mut handlers: Vec<Handler> = Vec::with_capacity(file.handler.len());
@@ -351,6 +451,7 @@ impl Config {
             broker,
             server,
             handlers,
+            metrics,
         })
     }
 }

@@ -7,24 +7,42 @@
 //! | body over the size cap, non-JSON content type, undecodable | reject, no requeue (logged) |
 //! | duplicate `_unique_id` already handled | ack (logged) |
 //! | handler ran (ok or any failure), reply confirmed or caller gone, or a cast | ack |
-//! | reply could not be published (broker trouble) | reject with requeue: it runs again |
+//! | a cast whose guest crashed (trap, timeout, memory), dead-letter target set | dead-lettered, then ack |
+//! | delivered more than `max_deliveries` times (poison) | dead-lettered (or failure reply), then ack |
+//! | reply or dead-letter could not be published (broker trouble) | reject with requeue: it runs again |
 //!
 //! A request is acked only after its handler finished and its reply was confirmed, so a crash
 //! of the daemon never loses a request; it may run twice, which `_unique_id` dedup narrows.
+//! An ack whose channel died meanwhile is not sent (the broker redelivers the message); that is
+//! logged and counted, never taken for success.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::amqp::{Delivery, PublishOptions, Published, Publisher};
+use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
+use crate::metrics::{Metrics, Outcome};
 use crate::registry::Handler;
 use crate::runtime::{Failure, Runtime, class};
-use crate::wire::{self, RemoteError, Request};
+use crate::wire::{self, RemoteError, Request, truncate};
+
+/// How long a reply waits for a publisher while the daemon reconnects. The request is requeued
+/// (and runs again) if none comes in time.
+pub const LINK_WAIT: Duration = Duration::from_secs(30);
+
+/// Redeliveries remembered for poison detection; an unbounded map would grow with every
+/// message whose ack was lost, so past this the oldest counts are forgotten.
+const DELIVERY_COUNTS: usize = 10_000;
+
+/// Error class of a request delivered too often.
+pub const POISON_CLASS: &str = "PoisonMessage";
 
 /// Context key carrying the AMQP `user_id` property, which RabbitMQ validates.
 pub const USER_ID_KEY: &str = "amqp_user_id";
@@ -39,11 +57,21 @@ pub trait Service: Send + Sync {
         dispatcher: &Dispatcher,
         request: &Request,
     ) -> impl std::future::Future<Output = Result<Vec<Box<RawValue>>, Failure>> + Send;
+    /// `method` as a metric label: itself if callable, `-` otherwise (labels must stay few).
+    fn method_label<'a>(&self, method: &'a str) -> &'a str;
 }
 
 impl Service for Handler {
     fn topic(&self) -> &str {
         &self.topic
+    }
+
+    fn method_label<'a>(&self, method: &'a str) -> &'a str {
+        if self.current().module.has_method(method) {
+            method
+        } else {
+            "-"
+        }
     }
 
     async fn serve(
@@ -54,23 +82,47 @@ impl Service for Handler {
         // Taken once: the whole invocation runs on this version even if a reload swaps.
         let version = self.current();
         tracing::Span::current().record("version", version.id);
-        dispatcher.invoke(self, &version.module, request).await
+        let _running = dispatcher.metrics.running(&self.topic);
+        let started = Instant::now();
+        let outcome = dispatcher.invoke(self, &version.module, request).await;
+        if version.module.has_method(&request.method) {
+            dispatcher.metrics.invocation(
+                &self.topic,
+                &request.method,
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        self.stats.record(outcome.is_ok());
+        outcome
     }
 }
 
 /// Shared by every consumer of the daemon.
 pub struct Dispatcher {
     runtime: Arc<Runtime>,
-    publisher: Publisher,
+    /// The publisher of the current broker connection; `None` while reconnecting.
+    link: ArcSwapOption<Link>,
+    /// Wakes replies waiting for a link.
+    link_changed: Notify,
+    metrics: Arc<Metrics>,
     /// Bounds invocations running at once across all handlers; deliveries wait for a permit
     /// while still unacked, so prefetch, not memory, is what the backlog costs.
     invocations: Arc<Semaphore>,
     dedup: Mutex<Dedup>,
     max_message_bytes: usize,
     limits: wire::Limits,
-    /// Cancelled when replies can no longer be published: requeueing every call whose reply
-    /// failed would run it again and again on a dead publisher.
-    fatal: CancellationToken,
+    /// Deliveries seen per redelivered message (by body hash), for poison detection.
+    deliveries: Mutex<HashMap<[u8; 32], u32>>,
+    max_deliveries: u32,
+    dead_letter_exchange: Option<String>,
+}
+
+/// A publisher and the token that reports its connection lost.
+pub struct Link {
+    /// Confirmed publishing on the current publish connection.
+    pub publisher: Publisher,
+    /// Cancelled by whoever sees the connection fail; the daemon then reconnects.
+    pub lost: CancellationToken,
 }
 
 /// Settings the dispatcher needs from the config.
@@ -81,25 +133,66 @@ pub struct DispatchSettings {
     pub dedup_window: usize,
     /// Largest body accepted.
     pub max_message_bytes: usize,
+    /// Deliveries after which a request is dead-lettered instead of run.
+    pub max_deliveries: u32,
+    /// Where poison requests and crashed casts go.
+    pub dead_letter_exchange: Option<String>,
 }
 
 impl Dispatcher {
-    /// A dispatcher invoking on `runtime` and replying through `publisher`.
-    pub fn new(
-        runtime: Arc<Runtime>,
-        publisher: Publisher,
-        settings: &DispatchSettings,
-        fatal: CancellationToken,
-    ) -> Self {
+    /// A dispatcher invoking on `runtime`; it replies once [`Dispatcher::set_link`] gave it a
+    /// publisher.
+    pub fn new(runtime: Arc<Runtime>, settings: &DispatchSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             runtime,
-            publisher,
+            link: ArcSwapOption::empty(),
+            link_changed: Notify::new(),
+            metrics,
             invocations: Arc::new(Semaphore::new(settings.concurrency)),
             dedup: Mutex::new(Dedup::new(settings.dedup_window)),
             max_message_bytes: settings.max_message_bytes,
             limits: wire::Limits::DEFAULT,
-            fatal,
+            deliveries: Mutex::new(HashMap::new()),
+            max_deliveries: settings.max_deliveries,
+            dead_letter_exchange: settings.dead_letter_exchange.clone(),
         }
+    }
+
+    /// Publish through `link` from now on (`None` while reconnecting).
+    pub fn set_link(&self, link: Option<Link>) {
+        self.link.store(link.map(Arc::new));
+        self.link_changed.notify_waiters();
+    }
+
+    /// The metrics this dispatcher updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Publish with confirms on the current link, waiting (bounded) for one while the daemon
+    /// reconnects. A broker failure marks the link lost, which makes the daemon reconnect.
+    async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        options: &PublishOptions,
+    ) -> Result<Published, AmqpError> {
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        let link = loop {
+            let changed = self.link_changed.notified();
+            if let Some(link) = self.link.load_full().filter(|l| !l.lost.is_cancelled()) {
+                break link;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(AmqpError::NotConnected(LINK_WAIT));
+            }
+        };
+        let published = link.publisher.publish(exchange, key, body, options).await;
+        if let Err(AmqpError::Broker { .. }) = &published {
+            link.lost.cancel();
+        }
+        published
     }
 
     /// Handle one delivery from a queue of `handler` and settle it (ack or reject). Never
@@ -110,10 +203,21 @@ impl Dispatcher {
             method = tracing::field::Empty, msg_id = tracing::field::Empty,
             unique_id = tracing::field::Empty, version = tracing::field::Empty,
             outcome = tracing::field::Empty);
+        let _held = self.metrics.holding(service.topic());
         async {
             let settle = self.process(service, delivery).await;
             tracing::Span::current().record("outcome", settle.as_str());
             let settled = settle_delivery(delivery, &settle).await;
+            if !settled {
+                self.metrics.stale_settle();
+            }
+            if settled
+                && matches!(settle, Settle::Ack { .. })
+                && delivery.redelivered()
+                && let Ok(mut counts) = self.deliveries.lock()
+            {
+                counts.remove(&body_key(delivery.body()));
+            }
             // Remember the id only once the ack went out: a redelivery of a request whose ack
             // was lost must be answered again, not dropped.
             if let (
@@ -132,26 +236,40 @@ impl Dispatcher {
     }
 
     async fn process<S: Service>(&self, service: &S, delivery: &Delivery) -> Settle {
+        let settle = self.check_and_serve(service, delivery).await;
+        if let Err(outcome) = &settle {
+            self.metrics.request(service.topic(), "-", *outcome, "");
+        }
+        settle.unwrap_or(Settle::Reject)
+    }
+
+    /// `Err` carries the outcome of a message refused before dispatch.
+    async fn check_and_serve<S: Service>(
+        &self,
+        service: &S,
+        delivery: &Delivery,
+    ) -> Result<Settle, Outcome> {
         let body = delivery.body();
+        let topic = service.topic();
         if body.len() > self.max_message_bytes {
             warn!(
                 size = body.len(),
                 cap = self.max_message_bytes,
                 "message over the size cap rejected unread"
             );
-            return Settle::Reject;
+            return Err(Outcome::Rejected);
         }
         if let Some(ct) = delivery.content_type()
             && !ct.eq_ignore_ascii_case("application/json")
         {
             warn!(content_type = %truncate(ct, 64), "message with a non-JSON content type rejected");
-            return Settle::Reject;
+            return Err(Outcome::Rejected);
         }
         let mut request = match wire::decode_request_with(body, &self.limits) {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, size = body.len(), "undecodable message rejected");
-                return Settle::Reject;
+                return Err(Outcome::Rejected);
             }
         };
         // The broker-validated sender, under a key no message can set: `_context_*` fields are
@@ -169,29 +287,165 @@ impl Dispatcher {
             span.record("unique_id", id.as_str());
             if self.dedup.lock().map(|d| d.contains(id)).unwrap_or(false) {
                 info!("duplicate message dropped (same _unique_id already handled)");
-                return Settle::Ack { unique_id: None };
+                self.metrics.request(topic, "-", Outcome::Duplicate, "");
+                return Ok(Settle::Ack { unique_id: None });
             }
+        }
+        let method = service.method_label(&request.method);
+
+        let deliveries = self.deliveries(topic, delivery);
+        if deliveries > self.max_deliveries {
+            self.metrics
+                .request(topic, method, Outcome::Poison, POISON_CLASS);
+            return Ok(self.poison(topic, delivery, &request, deliveries).await);
         }
 
         let outcome = service.serve(self, &request).await;
-        if let Err(f) = &outcome {
-            if request.wants_reply() {
-                info!(class = %f.class, error = %f.message, "handler failed; failure sent to caller");
-            } else {
-                warn!(class = %f.class, error = %f.message, "cast handler failed");
+        match &outcome {
+            Ok(_) => self.metrics.request(topic, method, Outcome::Ok, ""),
+            Err(f) => {
+                self.metrics
+                    .request(topic, method, Outcome::of_class(&f.class), &f.class);
+                if request.wants_reply() {
+                    info!(class = %f.class, error = %f.message, "handler failed; failure sent to caller");
+                } else {
+                    warn!(class = %f.class, error = %f.message, "cast handler failed");
+                }
             }
+        }
+        if !request.wants_reply()
+            && let Err(f) = &outcome
+            && crashed(&f.class)
+            && let Some(dlx) = &self.dead_letter_exchange
+        {
+            let reason = format!("{}: {}", f.class, truncate(&f.message, 512));
+            if let Err(e) = self
+                .dead_letter(dlx, topic, delivery, &f.class, &reason, deliveries)
+                .await
+            {
+                error!(error = %e, "crashed cast could not be dead-lettered; requeued");
+                return Ok(Settle::Requeue);
+            }
+            self.metrics.dead_lettered(topic, "crashed_cast");
         }
         if request.wants_reply()
             && let Err(e) = self.reply(&request, outcome).await
         {
             error!(error = %e, "reply could not be published; request requeued");
-            if matches!(e, crate::amqp::AmqpError::Broker { .. }) {
-                self.fatal.cancel();
+            return Ok(Settle::Requeue);
+        }
+        Ok(Settle::Ack {
+            unique_id: request.unique_id,
+        })
+    }
+
+    /// Which delivery of this message this is (1 for the first): the quorum queue's count when
+    /// it gives one, else our own count of the redeliveries we saw.
+    fn deliveries(&self, topic: &str, delivery: &Delivery) -> u32 {
+        let from_broker = delivery
+            .delivery_count()
+            .map(|n| u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX));
+        if !delivery.redelivered() {
+            return from_broker.unwrap_or(1);
+        }
+        self.metrics.redelivered(topic);
+        let ours = match self.deliveries.lock() {
+            Ok(mut counts) => {
+                if counts.len() >= DELIVERY_COUNTS {
+                    counts.clear();
+                }
+                // Not seen before: the first delivery went to a daemon that died (or to our
+                // previous connection), so this is at least the second.
+                let n = counts.entry(body_key(delivery.body())).or_insert(1);
+                *n = n.saturating_add(1);
+                *n
             }
-            return Settle::Requeue;
+            Err(_) => 2,
+        };
+        from_broker.map_or(ours, |b| b.max(ours))
+    }
+
+    /// Take a message delivered too often out of circulation: dead-letter it (or, without a
+    /// dead-letter exchange, answer a call with a failure), log it, and ack it.
+    async fn poison(
+        &self,
+        topic: &str,
+        delivery: &Delivery,
+        request: &Request,
+        deliveries: u32,
+    ) -> Settle {
+        let reason = format!(
+            "delivered {deliveries} times without completing (max_deliveries = {})",
+            self.max_deliveries
+        );
+        match &self.dead_letter_exchange {
+            Some(dlx) => {
+                if let Err(e) = self
+                    .dead_letter(dlx, topic, delivery, POISON_CLASS, &reason, deliveries)
+                    .await
+                {
+                    error!(error = %e, "poison message could not be dead-lettered; requeued");
+                    return Settle::Requeue;
+                }
+                error!(%reason, dead_letter_exchange = %dlx, "poison message dead-lettered");
+            }
+            None => error!(%reason, "poison message dropped (no dead_letter_exchange configured)"),
+        }
+        self.metrics.dead_lettered(topic, "poison");
+        if request.wants_reply() {
+            let failure = Failure::new(POISON_CLASS, reason);
+            if let Err(e) = self.reply(request, Err(failure)).await {
+                warn!(error = %e, "failure reply for a poison message not sent");
+            }
         }
         Settle::Ack {
-            unique_id: request.unique_id,
+            unique_id: request.unique_id.clone(),
+        }
+    }
+
+    /// Publish the message, unchanged, to the dead-letter exchange under its routing key, with
+    /// why in its headers.
+    async fn dead_letter(
+        &self,
+        dlx: &str,
+        topic: &str,
+        delivery: &Delivery,
+        class: &str,
+        reason: &str,
+        deliveries: u32,
+    ) -> Result<(), AmqpError> {
+        let options = PublishOptions {
+            mandatory: true,
+            persistent: true,
+            expiration_ms: None,
+            user_id: None,
+            headers: vec![
+                ("x-warren-reason".into(), Header::Text(reason.to_owned())),
+                ("x-warren-topic".into(), Header::Text(topic.to_owned())),
+                (
+                    "x-warren-class".into(),
+                    Header::Text(truncate(class, 64).to_owned()),
+                ),
+                (
+                    "x-warren-deliveries".into(),
+                    Header::Int(i64::from(deliveries)),
+                ),
+                (
+                    "x-warren-exchange".into(),
+                    Header::Text(delivery.exchange().to_owned()),
+                ),
+            ],
+        };
+        match self
+            .publish(dlx, delivery.routing_key(), delivery.body(), &options)
+            .await?
+        {
+            Published::Confirmed => Ok(()),
+            Published::Returned { code, text } => Err(AmqpError::Unroutable { code, text }),
+            Published::Nacked => Err(AmqpError::Unroutable {
+                code: 0,
+                text: "nacked by the broker".into(),
+            }),
         }
     }
 
@@ -270,7 +524,7 @@ impl Dispatcher {
                 done = &mut work => return done,
                 _ = ticker.tick() => {
                     let body = wire::encode_heartbeat(msg_id, enveloped);
-                    if let Err(e) = self.publisher.publish("", key, &body, &reply_options()).await {
+                    if let Err(e) = self.publish("", key, &body, &reply_options()).await {
                         warn!(error = %e, "call-monitor heartbeat not sent");
                     }
                 }
@@ -282,7 +536,7 @@ impl Dispatcher {
         &self,
         request: &Request,
         outcome: Result<Vec<Box<RawValue>>, Failure>,
-    ) -> Result<(), crate::amqp::AmqpError> {
+    ) -> Result<(), AmqpError> {
         let Some(key) = request.reply_routing_key() else {
             return Ok(());
         };
@@ -295,19 +549,22 @@ impl Dispatcher {
                 .collect(),
         };
         for body in bodies {
-            match self
-                .publisher
-                .publish("", key, &body, &reply_options())
-                .await?
-            {
-                Published::Confirmed => {}
-                Published::Returned { code, text } => {
+            let published = self.publish("", key, &body, &reply_options()).await;
+            match published {
+                Ok(Published::Confirmed) => self.metrics.reply("confirmed"),
+                Ok(Published::Returned { code, text }) => {
+                    self.metrics.reply("returned");
                     warn!(reply_to = key, code, %text, "caller is gone; reply dropped");
                     return Ok(());
                 }
-                Published::Nacked => {
+                Ok(Published::Nacked) => {
+                    self.metrics.reply("nacked");
                     warn!(reply_to = key, "broker refused the reply; dropped");
                     return Ok(());
+                }
+                Err(e) => {
+                    self.metrics.reply("failed");
+                    return Err(e);
                 }
             }
         }
@@ -322,6 +579,7 @@ fn reply_options() -> PublishOptions {
         persistent: false,
         expiration_ms: None,
         user_id: None,
+        headers: Vec::new(),
     }
 }
 
@@ -411,13 +669,14 @@ impl Dedup {
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+/// Whether a failure of `class` means the guest crashed rather than answered.
+fn crashed(class: &str) -> bool {
+    matches!(
+        class,
+        class::GUEST_TRAP | class::TIMEOUT | class::MEMORY_LIMIT_EXCEEDED
+    )
+}
+
+fn body_key(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
 }

@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod dispatch;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod server;

@@ -54,6 +54,27 @@ pub struct Handler {
     /// Hash of the last file that failed, so an unchanged bad file is not retried and re-logged
     /// on every event; the next change is tried again.
     last_failed: Mutex<Option<[u8; 32]>>,
+    /// Requests served, for `warren status`.
+    pub stats: Stats,
+}
+
+/// Per-handler request counters (the Prometheus metrics have the details).
+#[derive(Debug, Default)]
+pub struct Stats {
+    ok: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl Stats {
+    /// Count one invocation.
+    pub fn record(&self, ok: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if ok {
+            self.ok.fetch_add(1, Relaxed);
+        } else {
+            self.failed.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// A handler's state as `warren status` shows it.
@@ -75,6 +96,12 @@ pub struct HandlerStatus {
     pub can_roll_back: bool,
     /// The last reload failure, if the latest attempt failed.
     pub last_error: Option<String>,
+    /// Invocations that returned results since the daemon started.
+    #[serde(default)]
+    pub requests_ok: u64,
+    /// Invocations that failed (guest errors, traps, timeouts, unknown methods).
+    #[serde(default)]
+    pub requests_failed: u64,
 }
 
 impl Handler {
@@ -94,6 +121,7 @@ impl Handler {
             next_id: Mutex::new(2),
             last_error: Mutex::new(None),
             last_failed: Mutex::new(None),
+            stats: Stats::default(),
         }
     }
 
@@ -196,6 +224,8 @@ impl Handler {
                 .lock()
                 .ok()
                 .and_then(|e| e.as_ref().map(|(_, m)| m.clone())),
+            requests_ok: self.stats.ok.load(std::sync::atomic::Ordering::Relaxed),
+            requests_failed: self.stats.failed.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

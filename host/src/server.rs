@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::{FutureExt as _, StreamExt as _, TryStreamExt as _};
@@ -15,9 +16,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::Admin;
-use crate::amqp::{Channel, Connection, Consumer, Kind, QueueSpec};
-use crate::config::{self, Config, redact_url};
-use crate::dispatch::{DispatchSettings, Dispatcher, Service};
+use crate::amqp::{Channel, Connection, ConnectionEvent, Consumer, Kind, QueueSpec};
+use crate::config::{self, Config};
+use crate::dispatch::{DispatchSettings, Dispatcher, Link, Service};
+use crate::metrics::Metrics;
 use crate::registry::{Handler, Registry, Reloaded};
 use crate::runtime::{EngineSettings, ModuleCache, Runtime};
 use crate::watch::{self, Watcher};
@@ -58,15 +60,28 @@ pub fn admin_topic(name: &str) -> String {
     format!("warren.{name}")
 }
 
-/// A handler being served: its consumers and the tasks handling its deliveries.
+/// A handler being served. It outlives broker connections: on every (re)connection a runner
+/// declares its queues and consumes them again.
 struct Serving {
     handler: Arc<Handler>,
     config: config::Handler,
-    channel: Channel,
+    /// Its queue names. The fanout queue keeps its name across reconnections: it is not
+    /// exclusive, so the new connection takes it over (no RESOURCE_LOCKED), and fanouts sent
+    /// while we were away are waiting in it. A new process gets a new name.
+    queues: TopicQueues,
     /// Cancelling stops this handler's intake; a child of the daemon's token.
     cancel: CancellationToken,
-    /// This handler's consumer loops and in-flight deliveries, awaited when it is removed.
+    /// This handler's runners and in-flight deliveries, awaited when it is removed.
     tasks: TaskTracker,
+}
+
+/// One pair of broker connections. When either fails the whole session is dropped and a new
+/// one built: consumers, channels and the publisher all belong to one session.
+pub(crate) struct Session {
+    consume: Connection,
+    publish: Connection,
+    /// Cancelled by whatever first sees a connection fail.
+    lost: CancellationToken,
 }
 
 /// Everything the daemon's tasks share.
@@ -75,17 +90,23 @@ pub(crate) struct Daemon {
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) cache: Option<ModuleCache>,
     pub(crate) registry: Registry,
-    consume_conn: Connection,
+    pub(crate) metrics: Arc<Metrics>,
     dispatcher: Arc<Dispatcher>,
     serving: Mutex<HashMap<String, Serving>>,
+    /// The live session, if connected. Read and written under the `serving` lock, so a handler
+    /// added during a reconnection is started exactly once.
+    session: std::sync::Mutex<Option<Arc<Session>>>,
     watcher: std::sync::Mutex<Option<Watcher>>,
+    /// The admin consumer and the reload loop.
+    background: TaskTracker,
     cancel: CancellationToken,
     /// Held by every reload, config reload and rollback: two of them at once (a file event and
     /// `warren reload`) could otherwise both start the same new handler.
     pub(crate) reloading: Mutex<()>,
 }
 
-/// Run the daemon until `shutdown` resolves (or a fatal broker error), then drain and close.
+/// Run the daemon until `shutdown` resolves, reconnecting whenever the broker connection is
+/// lost; then stop intake, drain in-flight work, and close.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let settings = EngineSettings {
         // Room for handlers added by a config reload, up to the pool's slot size.
@@ -121,33 +142,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .try_collect()
             .await?;
 
-    let name = config.server.name.clone();
-    let url = config.broker.url.clone();
-    info!(broker = %redact_url(&url), exchange = %config.broker.exchange, server = %name, "connecting");
-    // Separate connections: a resource alarm blocks publishers, and must not stop consumption.
-    let consume_conn = Connection::open(
-        &url,
-        &format!("warren-{name}-consume"),
-        config.broker.heartbeat,
-    )
-    .await?;
-    let publish_conn = Connection::open(
-        &url,
-        &format!("warren-{name}-publish"),
-        config.broker.heartbeat,
-    )
-    .await?;
-    let publisher = publish_conn.channel().await?.into_publisher().await?;
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_prefetch(config.server.prefetch);
     let cancel = CancellationToken::new();
+    let endpoint = match &config.metrics {
+        Some(m) => Some(
+            crate::metrics::serve(metrics.clone(), m.address, cancel.clone())
+                .await
+                .with_context(|| format!("cannot serve metrics on {}", m.address))?,
+        ),
+        None => None,
+    };
     let dispatcher = Arc::new(Dispatcher::new(
         runtime.clone(),
-        publisher,
         &DispatchSettings {
             concurrency: config.server.concurrency,
             dedup_window: config.server.dedup_window,
             max_message_bytes: config.server.max_message_bytes,
+            max_deliveries: config.server.max_deliveries,
+            dead_letter_exchange: config.server.dead_letter_exchange.clone(),
         },
-        cancel.clone(),
+        metrics.clone(),
     ));
     let watching = config.server.watch;
     let config_path = watch::absolute(&config.path);
@@ -156,14 +171,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         runtime,
         cache,
         registry: Registry::default(),
-        consume_conn,
+        metrics,
         dispatcher,
         serving: Mutex::new(HashMap::new()),
+        session: std::sync::Mutex::new(None),
         watcher: std::sync::Mutex::new(None),
+        background: TaskTracker::new(),
         cancel,
         reloading: Mutex::new(()),
     });
-    let background = TaskTracker::new();
 
     if watching {
         let (raw_tx, raw_rx) = mpsc::channel(256);
@@ -172,29 +188,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .add(&config_path)
             .with_context(|| format!("cannot watch {}", config_path.display()))?;
         *daemon.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
-        background.spawn(reload_loop(daemon.clone(), raw_rx, config_path));
+        daemon
+            .background
+            .spawn(reload_loop(daemon.clone(), raw_rx, config_path));
     }
-    // Declaring a handler's topology is a dozen broker round trips; do all handlers at once.
-    futures_util::future::try_join_all(
-        loaded
-            .into_iter()
-            .map(|(h, module)| daemon.serve(h, module)),
-    )
-    .await?;
-    let admin_channel = daemon.serve_admin(&background).await?;
-    let topics: Vec<String> = daemon
-        .registry
-        .all()
-        .iter()
-        .map(|h| h.topic.clone())
-        .collect();
-    info!(topics = %topics.join(","), admin = %admin_topic(&name), "ready");
+    for (h, module) in loaded {
+        daemon.serve(h, module).await;
+    }
 
-    tokio::select! {
-        _ = shutdown => info!("shutdown requested: no new messages; draining in-flight work"),
-        _ = daemon.cancel.cancelled() => error!("a consumer stopped unexpectedly; shutting down"),
+    let stopped = daemon.connect_loop(shutdown).await;
+    if stopped.is_ok() {
+        info!("shutdown requested: no new messages; draining in-flight work");
     }
-    let failed = daemon.cancel.is_cancelled();
     daemon.cancel.cancel();
     let timeout = daemon.config.lock().await.server.shutdown_timeout;
     let drained = tokio::time::timeout(timeout, async {
@@ -210,10 +215,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
         for s in &serving {
             s.tasks.wait().await;
-            s.channel.close().await;
         }
-        background.close();
-        background.wait().await;
+        daemon.background.close();
+        daemon.background.wait().await;
     })
     .await;
     if drained.is_err() {
@@ -222,14 +226,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             "in-flight work did not finish in time; unacked messages will be redelivered"
         );
     }
-    admin_channel.close().await;
-    daemon.consume_conn.close().await;
-    publish_conn.close().await;
-    info!("stopped");
-    if failed {
-        anyhow::bail!("stopped after losing a consumer (see the log above)");
+    daemon.dispatcher.set_link(None);
+    let session = daemon
+        .session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(session) = session {
+        session.lost.cancel();
+        session.consume.close().await;
+        session.publish.close().await;
     }
-    Ok(())
+    if let Some((_, task)) = endpoint {
+        let _ = task.await;
+    }
+    info!("stopped");
+    stopped
+}
+
+/// Jittered exponential backoff: each wait is drawn from the upper half of the current step,
+/// which doubles up to the cap, so a fleet of daemons that lost the same broker does not
+/// reconnect in lockstep.
+pub(crate) struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            step: initial,
+        }
+    }
+
+    /// The next wait.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        use rand::Rng as _;
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    /// Start again from the initial wait (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.step = self.initial;
+    }
+}
+
+/// Sleep `delay` unless one of the tokens is cancelled first; true if it slept fully.
+async fn pause(delay: Duration, a: &CancellationToken, b: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = a.cancelled() => false,
+        _ = b.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
 }
 
 fn load_handler(
@@ -248,43 +302,160 @@ fn load_handler(
 }
 
 impl Daemon {
-    /// Declare a handler's queues and start consuming them.
-    async fn serve(
+    /// Connect, serve, and reconnect after every loss until `shutdown` resolves. Returns when
+    /// asked to stop; the caller drains and closes.
+    async fn connect_loop(
         self: &Arc<Self>,
-        h: config::Handler,
-        module: crate::runtime::Module,
+        shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let broker = self.config.lock().await.broker.clone();
+        let mut backoff = Backoff::new(broker.reconnect_initial, broker.reconnect_max);
+        let mut connections = 0u64;
+        info!(broker = %crate::config::redact_url(&broker.url), exchange = %broker.exchange, "connecting");
+        loop {
+            let attempt = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                attempt = self.connect() => attempt,
+            };
+            match attempt {
+                Ok(session) => {
+                    connections += 1;
+                    backoff.reset();
+                    self.metrics.connected(connections > 1);
+                    let topics: Vec<String> = self
+                        .registry
+                        .all()
+                        .iter()
+                        .map(|h| h.topic.clone())
+                        .collect();
+                    let name = self.config.lock().await.server.name.clone();
+                    info!(topics = %topics.join(","), admin = %admin_topic(&name), connections, "connected");
+                    if connections == 1 {
+                        info!("ready");
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => return Ok(()),
+                        _ = session.lost.cancelled() => {}
+                    }
+                    self.end_session(&session).await;
+                    warn!("broker connection lost; reconnecting");
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot connect to the broker; retrying");
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Open both connections, declare the shared topology, hand the publisher to the
+    /// dispatcher, and start every handler's runner and the admin consumer.
+    async fn connect(self: &Arc<Self>) -> anyhow::Result<Arc<Session>> {
+        let config = self.config.lock().await.clone();
+        let name = &config.server.name;
+        let b = &config.broker;
+        // Separate connections: a resource alarm blocks publishers, and must not stop
+        // consumption.
+        let consume =
+            Connection::open(&b.url, &format!("warren-{name}-consume"), b.heartbeat).await?;
+        let publish =
+            match Connection::open(&b.url, &format!("warren-{name}-publish"), b.heartbeat).await {
+                Ok(c) => c,
+                Err(e) => {
+                    consume.close().await;
+                    return Err(e.into());
+                }
+            };
+        let session = Arc::new(Session {
+            consume,
+            publish,
+            lost: CancellationToken::new(),
+        });
+        self.background.spawn(watch_connection(
+            session.consume.clone(),
+            "consume",
+            session.lost.clone(),
+            self.metrics.clone(),
+        ));
+        self.background.spawn(watch_connection(
+            session.publish.clone(),
+            "publish",
+            session.lost.clone(),
+            self.metrics.clone(),
+        ));
+        let prepared = async {
+            let publisher = session.publish.channel().await?.into_publisher().await?;
+            if let Some(dlx) = &config.server.dead_letter_exchange {
+                declare_dead_letter(&session.consume, dlx).await?;
+            }
+            anyhow::Ok(publisher)
+        }
+        .await;
+        let publisher = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                session.lost.cancel();
+                session.consume.close().await;
+                session.publish.close().await;
+                return Err(e);
+            }
+        };
+        self.dispatcher.set_link(Some(Link {
+            publisher,
+            lost: session.lost.clone(),
+        }));
+        {
+            let serving = self.serving.lock().await;
+            *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+            for s in serving.values() {
+                s.tasks.spawn(run_handler(
+                    self.clone(),
+                    session.clone(),
+                    s.handler.clone(),
+                    s.queues.clone(),
+                    s.cancel.clone(),
+                    s.tasks.clone(),
+                ));
+            }
+        }
+        self.background
+            .spawn(run_admin(self.clone(), session.clone()));
+        Ok(session)
+    }
+
+    /// Forget a lost session: replies wait for the next one, its consumers have stopped.
+    async fn end_session(&self, session: &Arc<Session>) {
+        self.dispatcher.set_link(None);
+        self.metrics.disconnected();
+        {
+            let _serving = self.serving.lock().await;
+            let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
+                *current = None;
+            }
+        }
+        // Whichever connection still stands goes too: the next session opens both afresh.
+        session.consume.close().await;
+        session.publish.close().await;
+    }
+
+    /// Start serving a handler: on the current session now, and on every later one.
+    async fn serve(self: &Arc<Self>, h: config::Handler, module: crate::runtime::Module) {
         let handler = Arc::new(Handler::new(
             h.topic.clone(),
             h.module.clone(),
             h.limits.clone(),
             module,
         ));
-        let config = self.config.lock().await.clone();
-        let name = &config.server.name;
-        let channel = self.consume_conn.channel().await?;
-        channel.prefetch(config.server.prefetch).await?;
-        let queues = TopicQueues::new(&handler.topic, name);
-        declare(&channel, &config, &queues).await?;
+        let name = self.config.lock().await.server.name.clone();
+        let queues = TopicQueues::new(&handler.topic, &name);
         let cancel = self.cancel.child_token();
         let tasks = TaskTracker::new();
-        for queue in [&queues.topic, &queues.server, &queues.fanout_queue] {
-            let tag = format!("warren-{name}-{queue}");
-            let consumer = channel.consume(queue, &tag).await?;
-            let intake = Intake {
-                channel: channel.clone(),
-                tag,
-                consumer,
-            };
-            tasks.spawn(consume_loop(
-                intake,
-                handler.clone(),
-                self.dispatcher.clone(),
-                tasks.clone(),
-                cancel.clone(),
-                self.cancel.clone(),
-            ));
-        }
         if let Some(w) = self
             .watcher
             .lock()
@@ -295,17 +466,35 @@ impl Daemon {
             warn!(topic = %handler.topic, error = %e, "cannot watch the module; hot reload is off for it");
         }
         self.registry.insert(handler.clone());
-        self.serving.lock().await.insert(
+        let v = handler.current();
+        self.metrics
+            .handler_version(&handler.topic, Some((v.id, &v.module.hash_prefix())));
+        let mut serving = self.serving.lock().await;
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(session) = session {
+            tasks.spawn(run_handler(
+                self.clone(),
+                session,
+                handler.clone(),
+                queues.clone(),
+                cancel.clone(),
+                tasks.clone(),
+            ));
+        }
+        serving.insert(
             h.topic.clone(),
             Serving {
                 handler,
                 config: h,
-                channel,
+                queues,
                 cancel,
                 tasks,
             },
         );
-        Ok(())
     }
 
     /// Stop a handler: cancel its consumers, let its in-flight work finish, close its channel.
@@ -314,6 +503,7 @@ impl Daemon {
             return;
         };
         self.registry.remove(topic);
+        self.metrics.handler_version(topic, None);
         if let Some(w) = self
             .watcher
             .lock()
@@ -328,7 +518,6 @@ impl Daemon {
         if tokio::time::timeout(timeout, s.tasks.wait()).await.is_err() {
             warn!(%topic, "removed handler's in-flight work did not finish in time; it will be redelivered");
         }
-        s.channel.close().await;
         info!(%topic, "handler removed");
     }
 
@@ -343,10 +532,14 @@ impl Daemon {
             Reloaded::Unchanged => {}
             Reloaded::Swapped { id } => {
                 let v = handler.current();
+                self.metrics.reload(&handler.topic, true);
+                self.metrics
+                    .handler_version(&handler.topic, Some((v.id, &v.module.hash_prefix())));
                 info!(topic = %handler.topic, version = id, hash = %v.module.hash_prefix(),
                     methods = %v.module.methods().collect::<Vec<_>>().join(","), "handler reloaded");
             }
             Reloaded::Failed(reason) => {
+                self.metrics.reload(&handler.topic, false);
                 error!(topic = %handler.topic, file = %handler.path.display(), %reason,
                     "reload failed; the previous version keeps serving");
             }
@@ -404,65 +597,14 @@ impl Daemon {
             let loaded =
                 tokio::task::spawn_blocking(move || load_handler(&rt, cache.as_ref(), &hc)).await;
             match loaded {
-                Ok(Ok(module)) => match self.serve(h, module).await {
-                    Ok(()) => info!(%topic, "handler added"),
-                    Err(e) => {
-                        error!(%topic, error = %format!("{e:#}"), "cannot serve the new handler")
-                    }
-                },
+                Ok(Ok(module)) => {
+                    self.serve(h, module).await;
+                    info!(%topic, "handler added");
+                }
                 Ok(Err(e)) => error!(%topic, error = %format!("{e:#}"), "new handler not added"),
                 Err(e) => error!(%topic, error = %e, "new handler not added"),
             }
         }
-    }
-
-    /// Consume the admin topic `warren.<server>` (status, reload, rollback).
-    async fn serve_admin(self: &Arc<Self>, background: &TaskTracker) -> anyhow::Result<Channel> {
-        let config = self.config.lock().await.clone();
-        let topic = admin_topic(&config.server.name);
-        let channel = self.consume_conn.channel().await?;
-        channel.prefetch(4).await?;
-        channel
-            .declare_exchange(
-                &config.broker.exchange,
-                Kind::Topic,
-                config.broker.durable,
-                false,
-            )
-            .await?;
-        // A queue of this process's own, bound under the admin topic: it dies with the daemon
-        // instead of collecting requests nobody answers, and several daemons may share a server
-        // name (oslo allows it for multi-worker services); the first to answer wins.
-        let queue = format!("{topic}.{}", uuid::Uuid::new_v4().simple());
-        let spec = QueueSpec {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueSpec::default()
-        };
-        channel.declare_queue(&queue, &spec).await?;
-        channel
-            .bind(&queue, &config.broker.exchange, &topic)
-            .await?;
-        let tag = format!("warren-{}-admin", config.server.name);
-        let consumer = channel.consume(&queue, &tag).await?;
-        let admin = Arc::new(Admin {
-            daemon: Arc::downgrade(self),
-            topic,
-        });
-        let intake = Intake {
-            channel: channel.clone(),
-            tag,
-            consumer,
-        };
-        background.spawn(consume_loop(
-            intake,
-            admin,
-            self.dispatcher.clone(),
-            background.clone(),
-            self.cancel.clone(),
-            self.cancel.clone(),
-        ));
-        Ok(channel)
     }
 }
 
@@ -548,6 +690,279 @@ async fn declare(channel: &Channel, config: &Config, q: &TopicQueues) -> anyhow:
     Ok(())
 }
 
+/// Serve one handler on one session: declare its queues, consume them, and do it again if the
+/// broker cancels a consumer (its queue was deleted) while the connection stands. Returns when
+/// the handler is stopped or the session is lost.
+async fn run_handler(
+    daemon: Arc<Daemon>,
+    session: Arc<Session>,
+    handler: Arc<Handler>,
+    queues: TopicQueues,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let topic = handler.topic.clone();
+    let mut backoff = {
+        let b = &daemon.config.lock().await.broker;
+        Backoff::new(b.reconnect_initial, b.reconnect_max)
+    };
+    loop {
+        if stop.is_cancelled() || session.lost.is_cancelled() {
+            return;
+        }
+        let config = daemon.config.lock().await.clone();
+        let attached = attach(&session, &config, &queues).await;
+        let (channel, consumers) = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                if !session.consume.is_connected() {
+                    session.lost.cancel();
+                    return;
+                }
+                error!(%topic, error = %format!("{e:#}"), "cannot declare or consume the handler's queues; retrying");
+                if !pause(backoff.next_delay(), &stop, &session.lost).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // This channel's deliveries, so that stopping can wait for their acks before closing
+        // it; each is also on the handler's tracker, which shutdown drains.
+        let deliveries = TaskTracker::new();
+        let attempt = stop.child_token();
+        let ends = futures_util::future::join_all(consumers.into_iter().map(|(tag, consumer)| {
+            consume_loop(
+                Intake {
+                    channel: channel.clone(),
+                    tag,
+                    consumer,
+                },
+                handler.clone(),
+                daemon.dispatcher.clone(),
+                Trackers {
+                    handler: tasks.clone(),
+                    channel: deliveries.clone(),
+                },
+                attempt.clone(),
+                session.lost.clone(),
+            )
+        }))
+        .await;
+        if ends.contains(&End::Failed) && !session.consume.is_connected() {
+            session.lost.cancel();
+        }
+        if session.lost.is_cancelled() {
+            // The channel is gone with its connection; unacked deliveries come back on the next
+            // session, and the acks of those still running will be refused as stale.
+            return;
+        }
+        deliveries.close();
+        deliveries.wait().await;
+        channel.close().await;
+        if stop.is_cancelled() {
+            return;
+        }
+        warn!(%topic, "a consumer was cancelled by the broker (queue deleted?); declaring the queues again");
+        if !pause(backoff.next_delay(), &stop, &session.lost).await {
+            return;
+        }
+    }
+}
+
+/// Open a channel for a handler, declare its topology and start its three consumers.
+async fn attach(
+    session: &Session,
+    config: &Config,
+    queues: &TopicQueues,
+) -> anyhow::Result<(Channel, Vec<(String, Consumer)>)> {
+    let name = &config.server.name;
+    let channel = session.consume.channel().await?;
+    let consumers = async {
+        channel.prefetch(config.server.prefetch).await?;
+        declare(&channel, config, queues).await?;
+        let mut consumers = Vec::with_capacity(3);
+        for queue in [&queues.topic, &queues.server, &queues.fanout_queue] {
+            let tag = format!("warren-{name}-{queue}");
+            consumers.push((tag.clone(), channel.consume(queue, &tag).await?));
+        }
+        anyhow::Ok(consumers)
+    }
+    .await;
+    match consumers {
+        Ok(c) => Ok((channel, c)),
+        Err(e) => {
+            channel.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// Consume the admin topic `warren.<server>` (status, reload, rollback) on one session, from
+/// an exclusive queue of this process's own: it dies with the connection instead of collecting
+/// requests nobody answers, and several daemons may share a server name (oslo allows it for
+/// multi-worker services); the first to answer wins. A fresh name on every session, since the
+/// old exclusive queue may outlive its connection briefly (RESOURCE_LOCKED otherwise).
+async fn run_admin(daemon: Arc<Daemon>, session: Arc<Session>) {
+    let mut backoff = {
+        let b = &daemon.config.lock().await.broker;
+        Backoff::new(b.reconnect_initial, b.reconnect_max)
+    };
+    loop {
+        if daemon.cancel.is_cancelled() || session.lost.is_cancelled() {
+            return;
+        }
+        let config = daemon.config.lock().await.clone();
+        let topic = admin_topic(&config.server.name);
+        let attached = async {
+            let channel = session.consume.channel().await?;
+            channel.prefetch(4).await?;
+            channel
+                .declare_exchange(
+                    &config.broker.exchange,
+                    Kind::Topic,
+                    config.broker.durable,
+                    false,
+                )
+                .await?;
+            let queue = format!("{topic}.{}", uuid::Uuid::new_v4().simple());
+            let spec = QueueSpec {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueSpec::default()
+            };
+            channel.declare_queue(&queue, &spec).await?;
+            channel
+                .bind(&queue, &config.broker.exchange, &topic)
+                .await?;
+            let tag = format!("warren-{}-admin", config.server.name);
+            let consumer = channel.consume(&queue, &tag).await?;
+            anyhow::Ok(Intake {
+                channel,
+                tag,
+                consumer,
+            })
+        }
+        .await;
+        let intake = match attached {
+            Ok(i) => i,
+            Err(e) => {
+                if !session.consume.is_connected() {
+                    session.lost.cancel();
+                    return;
+                }
+                error!(%topic, error = %format!("{e:#}"), "cannot consume the admin topic; retrying");
+                if !pause(backoff.next_delay(), &daemon.cancel, &session.lost).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let channel = intake.channel.clone();
+        let admin = Arc::new(Admin {
+            daemon: Arc::downgrade(&daemon),
+            topic,
+        });
+        let deliveries = TaskTracker::new();
+        // A child: a consumer cancelled by the broker cancels its token, which must not be
+        // the daemon's.
+        let end = consume_loop(
+            intake,
+            admin,
+            daemon.dispatcher.clone(),
+            Trackers {
+                handler: daemon.background.clone(),
+                channel: deliveries.clone(),
+            },
+            daemon.cancel.child_token(),
+            session.lost.clone(),
+        )
+        .await;
+        if end == End::Failed && !session.consume.is_connected() {
+            session.lost.cancel();
+        }
+        if session.lost.is_cancelled() {
+            return;
+        }
+        deliveries.close();
+        deliveries.wait().await;
+        channel.close().await;
+        if daemon.cancel.is_cancelled()
+            || !pause(backoff.next_delay(), &daemon.cancel, &session.lost).await
+        {
+            return;
+        }
+    }
+}
+
+/// Report a connection's failure (and log its alarms) until the session ends. Besides lapin's
+/// events, the status is checked every second: a close the broker initiated does not always
+/// come as an error event.
+async fn watch_connection(
+    conn: Connection,
+    role: &'static str,
+    lost: CancellationToken,
+    metrics: Arc<Metrics>,
+) {
+    let mut events = std::pin::pin!(conn.events());
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = lost.cancelled() => return,
+            _ = check.tick() => {
+                if !conn.is_connected() {
+                    warn!(connection = role, "broker connection closed");
+                    lost.cancel();
+                    return;
+                }
+            }
+            event = events.next() => match event {
+                Some(ConnectionEvent::Failed(e)) => {
+                    warn!(connection = role, error = %e, "broker connection failed");
+                    lost.cancel();
+                    return;
+                }
+                Some(ConnectionEvent::Blocked(reason)) => {
+                    warn!(connection = role, %reason, "broker blocked the connection (resource alarm); publishes wait, bounded by the confirm timeout");
+                    if role == "publish" {
+                        metrics.blocked(true);
+                    }
+                }
+                Some(ConnectionEvent::Unblocked) => {
+                    info!(connection = role, "broker unblocked the connection");
+                    if role == "publish" {
+                        metrics.blocked(false);
+                    }
+                }
+                None => {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The dead-letter exchange and its queue, bound to everything, so nothing sent there is lost
+/// even before an operator looks.
+async fn declare_dead_letter(conn: &Connection, dlx: &str) -> anyhow::Result<()> {
+    let channel = conn.channel().await?;
+    let declared = async {
+        channel
+            .declare_exchange(dlx, Kind::Topic, true, false)
+            .await?;
+        let spec = QueueSpec {
+            durable: true,
+            ..QueueSpec::default()
+        };
+        channel.declare_queue(dlx, &spec).await?;
+        channel.bind(dlx, dlx, "#").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    channel.close().await;
+    declared.with_context(|| format!("cannot declare the dead-letter exchange '{dlx}'"))
+}
+
 /// One consumer and what it takes to cancel it.
 struct Intake {
     channel: Channel,
@@ -555,17 +970,36 @@ struct Intake {
     consumer: Consumer,
 }
 
-/// Take deliveries from one queue until `stop`; each is handled in its own task on `tasks`.
+/// Where a delivery's task is tracked: with its handler (drained on removal and shutdown) and
+/// with its channel (drained before the channel closes, so acks are not lost).
+struct Trackers {
+    handler: TaskTracker,
+    channel: TaskTracker,
+}
+
+/// Why a consumer loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// We stopped it.
+    Stopped,
+    /// The broker cancelled the consumer (queue deleted).
+    Cancelled,
+    /// The consumer failed (usually: the connection died).
+    Failed,
+}
+
+/// Take deliveries from one queue until `stop` or `lost`; each is handled in its own task.
 /// Prefetch bounds how many of those tasks exist at once. A consumer that ends on its own
-/// cancels `fatal` (the daemon), since nothing would serve its queue any more.
+/// cancels `stop`, so its siblings on the same channel stop too and are consumed again
+/// together.
 async fn consume_loop<S: Service + 'static>(
     intake: Intake,
     service: Arc<S>,
     dispatcher: Arc<Dispatcher>,
-    tasks: TaskTracker,
+    trackers: Trackers,
     stop: CancellationToken,
-    fatal: CancellationToken,
-) {
+    lost: CancellationToken,
+) -> End {
     let Intake {
         channel,
         tag,
@@ -574,13 +1008,14 @@ async fn consume_loop<S: Service + 'static>(
     let queue = consumer.queue().to_owned();
     loop {
         let next = tokio::select! {
+            _ = lost.cancelled() => return End::Failed,
             _ = stop.cancelled() => {
                 // Stop intake first; deliveries the broker already pushed stay unacked and are
                 // requeued when the channel closes.
                 if let Err(e) = channel.cancel(&tag).await {
                     warn!(%queue, error = %e, "could not cancel consumer");
                 }
-                break;
+                return End::Stopped;
             }
             next = consumer.next() => next,
         };
@@ -588,29 +1023,36 @@ async fn consume_loop<S: Service + 'static>(
             Some(Ok(delivery)) => {
                 let (service, dispatcher, queue) =
                     (service.clone(), dispatcher.clone(), queue.clone());
-                tasks.spawn(async move {
+                let task = async move {
                     // `handle` settles every delivery itself; a panic would skip that and pin a
                     // prefetch slot until the channel closes, so it is caught and rejected here.
-                    let handled = std::panic::AssertUnwindSafe(dispatcher.handle(&*service, &queue, &delivery))
-                        .catch_unwind()
-                        .await;
+                    let handled = std::panic::AssertUnwindSafe(
+                        dispatcher.handle(&*service, &queue, &delivery),
+                    )
+                    .catch_unwind()
+                    .await;
                     if handled.is_err() {
                         error!(%queue, tag = delivery.tag(), "delivery handling panicked; message rejected");
                         let _ = delivery.reject(false).await;
                     }
-                });
+                };
+                trackers.handler.spawn(trackers.channel.track_future(task));
             }
-            Some(Err(e)) if !stop.is_cancelled() => {
-                error!(%queue, error = %e, "consumer failed");
-                fatal.cancel();
-                break;
+            Some(Err(e)) => {
+                if stop.is_cancelled() || lost.is_cancelled() {
+                    return End::Stopped;
+                }
+                warn!(%queue, error = %e, "consumer failed");
+                stop.cancel();
+                return End::Failed;
             }
-            None if !stop.is_cancelled() => {
-                error!(%queue, "consumer was cancelled by the broker (queue deleted?)");
-                fatal.cancel();
-                break;
+            None => {
+                if stop.is_cancelled() || lost.is_cancelled() {
+                    return End::Stopped;
+                }
+                stop.cancel();
+                return End::Cancelled;
             }
-            _ => break,
         }
     }
 }

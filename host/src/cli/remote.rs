@@ -448,6 +448,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
         );
         println!("  methods:   {}", h.methods.join(", "));
         println!("  loaded at: {} (unix time)", h.loaded_at);
+        println!(
+            "  requests:  {} ok, {} failed",
+            h.requests_ok, h.requests_failed
+        );
         if let Some(e) = h.last_error {
             println!("  last reload error: {e}");
         }

@@ -575,3 +575,16 @@ fn serialize_context<M: serde::ser::SerializeMap>(
     }
     Ok(())
 }
+
+/// `s` cut to at most `max` bytes on a character boundary: message-borne strings are bounded
+/// before they reach logs and metric labels.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
