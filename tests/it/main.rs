@@ -4,6 +4,7 @@
 mod cli;
 mod components;
 mod daemon;
+mod faults;
 mod interop;
 mod polyglot;
 mod reload;

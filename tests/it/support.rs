@@ -722,3 +722,78 @@ pub fn serve_wat(server: &str, topic: &str, wat: &str, extra: &str) -> Daemon {
     // The daemon has read the module by the time it is ready; the file may go.
     Daemon::start(server, &handler(topic, &module, extra))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Daemons from a whole config file, killed hard, and their memory (the fault tests).
+
+impl Daemon {
+    /// Start `warren serve` with `config` as its whole config file (every section written by
+    /// the caller), as server `server`, and wait until it says it is ready.
+    pub fn start_config(server: &str, config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("warren.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = warren()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("WARREN_LOG", "info,warren=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn warren serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("WARREN_TEST_ECHO_LOG").is_some() {
+                    eprintln!("[daemon] {line}");
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            log,
+            dir,
+            server: server.to_owned(),
+        };
+        let ready = "warren::server: ready";
+        eventually(Duration::from_secs(60), || {
+            let exited = matches!(daemon.child.try_wait(), Ok(Some(_)));
+            (exited || daemon.count_log(ready) > 0).then_some(())
+        });
+        if daemon.count_log(ready) == 0 {
+            let status = daemon.child.try_wait();
+            panic!(
+                "daemon did not become ready ({status:?}); log:\n{}",
+                daemon.log_text()
+            );
+        }
+        daemon
+    }
+
+    /// `kill -9`: no shutdown path runs; whatever it had unacked goes back to the broker.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Resident memory (`VmRSS` in /proc), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+}

@@ -26,9 +26,13 @@ struct Record {
     spin_ms: u64,
 }
 
-/// Spin for `spin_ms`, then append `id\n` to the receipts file and return `id`. The line is one
+/// Spin for `spin_ms` (saying so in the log), then append `id\n` to the receipts file and return `id`. The line is one
 /// `O_APPEND` write, so concurrent invocations never interleave or overwrite each other.
 fn record(args: Record) -> Result<u64, Error> {
+    if args.spin_ms > 0 {
+        // Tells a test the request is in flight (a quick one logs nothing: floods stay quiet).
+        warren_guest::info!("receipt {} spinning {} ms", args.id, args.spin_ms);
+    }
     let until = Instant::now() + Duration::from_millis(args.spin_ms);
     while Instant::now() < until {
         std::hint::spin_loop();
