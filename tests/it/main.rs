@@ -6,6 +6,7 @@ mod components;
 mod daemon;
 mod faults;
 mod interop;
+mod metrics;
 mod polyglot;
 mod reload;
 mod runtime;

@@ -85,14 +85,22 @@ impl Daemon {
             broker_url()
         );
         std::fs::write(&config, text).expect("write config");
-        let mut child = warren()
-            .args(["serve", "--config"])
-            .arg(&config)
+        Self::launch(server, dir, &config, &[])
+    }
+
+    /// Run `warren serve --config <path>` (with extra environment `env`) and wait until it
+    /// says it is ready, in the text or the JSON log format.
+    fn launch(server: &str, dir: tempfile::TempDir, path: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = warren();
+        cmd.args(["serve", "--config"])
+            .arg(path)
             .env("WARREN_LOG", "info,warren=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warren serve");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn warren serve");
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -112,12 +120,14 @@ impl Daemon {
         };
         // Not just "ready": "wasm runtime ready" comes first, before any queue is declared.
         // Stop waiting early if the daemon exits instead.
-        let ready = "warren::server: ready";
+        let is_ready = |d: &Daemon| {
+            d.count_log("warren::server: ready") > 0 || d.count_log("\"message\":\"ready\"") > 0
+        };
         eventually(Duration::from_secs(60), || {
             let exited = matches!(daemon.child.try_wait(), Ok(Some(_)));
-            (exited || daemon.count_log(ready) > 0).then_some(())
+            (exited || is_ready(&daemon)).then_some(())
         });
-        if daemon.count_log(ready) == 0 {
+        if !is_ready(&daemon) {
             let status = daemon.child.try_wait();
             panic!(
                 "daemon did not become ready ({status:?}); log:\n{}",
@@ -730,47 +740,15 @@ impl Daemon {
     /// Start `warren serve` with `config` as its whole config file (every section written by
     /// the caller), as server `server`, and wait until it says it is ready.
     pub fn start_config(server: &str, config: &str) -> Daemon {
+        Self::start_config_env(server, config, &[])
+    }
+
+    /// As [`Daemon::start_config`], with extra environment variables for the daemon.
+    pub fn start_config_env(server: &str, config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("warren.toml");
         std::fs::write(&path, config).expect("write config");
-        let mut child = warren()
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("WARREN_LOG", "info,warren=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warren serve");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("WARREN_TEST_ECHO_LOG").is_some() {
-                    eprintln!("[daemon] {line}");
-                }
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        let mut daemon = Daemon {
-            child,
-            log,
-            dir,
-            server: server.to_owned(),
-        };
-        let ready = "warren::server: ready";
-        eventually(Duration::from_secs(60), || {
-            let exited = matches!(daemon.child.try_wait(), Ok(Some(_)));
-            (exited || daemon.count_log(ready) > 0).then_some(())
-        });
-        if daemon.count_log(ready) == 0 {
-            let status = daemon.child.try_wait();
-            panic!(
-                "daemon did not become ready ({status:?}); log:\n{}",
-                daemon.log_text()
-            );
-        }
-        daemon
+        Self::launch(server, dir, &path, env)
     }
 
     /// `kill -9`: no shutdown path runs; whatever it had unacked goes back to the broker.
