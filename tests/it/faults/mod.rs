@@ -649,7 +649,22 @@ fn half_open_connection_is_detected_within_two_heartbeats_and_recovers() {
         (receipts.distinct() == 20).then_some(())
     });
     assert!(flowing.is_some(), "log:\n{}", tail(&daemon));
+    assert_calls_answered(
+        &publisher,
+        &publisher.ledger.clone(),
+        Duration::from_secs(20),
+    );
 
+    // The connection goes silent while a call is in flight: its reply and ack are stuck
+    // behind the dead peer, and the caller must still get its answer in the end.
+    publisher.publish(vec![Msg::call(100, 1000)], 1, far(30));
+    assert!(
+        daemon
+            .wait_log("receipt 100 spinning", Duration::from_secs(10))
+            .is_some(),
+        "log:\n{}",
+        tail(&daemon)
+    );
     let lost_before = daemon.count_log("broker connection lost");
     relay.stall();
     let stalled = Instant::now();
