@@ -68,18 +68,54 @@ pub struct Connection {
     inner: std::sync::Arc<lapin::Connection>,
 }
 
+/// TLS settings for `amqps://` URLs. The broker's certificate is always verified, against the
+/// system's roots plus `ca_pem`, and its name against the URL's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// Extra trusted CA certificates (PEM), e.g. a private CA.
+    pub ca_pem: Option<String>,
+    /// Client certificate chain (PEM) and its private key (PEM, PKCS#8 or PKCS#1), for brokers
+    /// that require one (`fail_if_no_peer_cert`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl Connection {
     /// Connect to `url`; `name` shows in the management UI. `heartbeat` (seconds) is added to
     /// the URL unless it sets one itself.
     pub async fn open(url: &str, name: &str, heartbeat: u16) -> Result<Connection, AmqpError> {
+        Self::open_tls(url, name, heartbeat, &Tls::default()).await
+    }
+
+    /// As [`Connection::open`], with TLS settings for `amqps://` URLs.
+    pub async fn open_tls(
+        url: &str,
+        name: &str,
+        heartbeat: u16,
+        tls: &Tls,
+    ) -> Result<Connection, AmqpError> {
         let url = with_heartbeat(url, heartbeat);
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let inner = lapin::Connection::connect(&url, props)
-            .await
-            .map_err(ctx(format!(
-                "cannot connect to {}",
-                crate::config::redact_url(&url)
-            )))?;
+        let failed = ctx(format!(
+            "cannot connect to {}",
+            crate::config::redact_url(&url)
+        ));
+        let config = lapin::tcp::OwnedTLSConfig {
+            identity: tls
+                .client
+                .as_ref()
+                .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: pem.clone(),
+                    key: key.clone(),
+                }),
+            cert_chain: tls.ca_pem.clone(),
+        };
+        let inner = match lapin::runtime::default_runtime() {
+            Ok(runtime) => {
+                lapin::Connection::connect_with_config(&url, props, config, runtime).await
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(failed)?;
         Ok(Connection {
             inner: std::sync::Arc::new(inner),
         })

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::amqp::{
-    AmqpError, Channel, Connection, Kind, PublishOptions, Published, Publisher, QueueSpec,
+    AmqpError, Channel, Connection, Kind, PublishOptions, Published, Publisher, QueueSpec, Tls,
 };
 use crate::wire::{self, OutgoingRequest, RemoteError, Reply};
 
@@ -93,6 +93,7 @@ type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>>;
 /// calls go out on the new connection.
 pub struct Client {
     url: String,
+    tls: Tls,
     exchange: String,
     /// The login user, sent as `user_id` (RabbitMQ refuses the message if it does not match).
     user: Option<String>,
@@ -109,8 +110,8 @@ struct Link {
 }
 
 impl Link {
-    async fn open(url: &str, exchange: &str) -> Result<Link, CallError> {
-        let conn = Connection::open(url, "warren-client", 15).await?;
+    async fn open(url: &str, exchange: &str, tls: &Tls) -> Result<Link, CallError> {
+        let conn = Connection::open_tls(url, "warren-client", 15, tls).await?;
         let publisher = conn.channel().await?.into_publisher().await?;
         ensure_exchange(&conn, exchange, Kind::Topic, false).await?;
         // A fresh name on every connection: the old exclusive queue may not be gone yet, and
@@ -144,7 +145,12 @@ impl Link {
 impl Client {
     /// Connect to `url` and use `exchange` as the control exchange.
     pub async fn connect(url: &str, exchange: &str) -> Result<Client, CallError> {
-        let link = Link::open(url, exchange).await?;
+        Self::connect_tls(url, exchange, &Tls::default()).await
+    }
+
+    /// As [`Client::connect`], with TLS settings for an `amqps://` URL.
+    pub async fn connect_tls(url: &str, exchange: &str, tls: &Tls) -> Result<Client, CallError> {
+        let link = Link::open(url, exchange, tls).await?;
         // Percent-encoded names are left out rather than decoded by hand: a wrong `user_id`
         // would make the broker refuse every message.
         let user = url::Url::parse(url)
@@ -153,6 +159,7 @@ impl Client {
             .filter(|u| !u.is_empty() && !u.contains('%'));
         Ok(Client {
             url: url.to_owned(),
+            tls: tls.clone(),
             exchange: exchange.to_owned(),
             user,
             link: tokio::sync::Mutex::new(Some(Arc::new(link))),
@@ -169,7 +176,7 @@ impl Client {
             old.reply_task.abort();
             debug!("client connection lost; reconnecting");
         }
-        let link = Arc::new(Link::open(&self.url, &self.exchange).await?);
+        let link = Arc::new(Link::open(&self.url, &self.exchange, &self.tls).await?);
         *slot = Some(link.clone());
         Ok(link)
     }

@@ -69,6 +69,8 @@ pub struct Broker {
     pub reconnect_initial: Duration,
     /// Longest wait between reconnection attempts.
     pub reconnect_max: Duration,
+    /// TLS for `amqps://` URLs: a private CA and a client certificate.
+    pub tls: crate::amqp::Tls,
 }
 
 /// `[server]`.
@@ -136,6 +138,10 @@ struct BrokerFile {
     quorum: Option<bool>,
     reconnect_initial_ms: Option<Spanned<u64>>,
     reconnect_max_ms: Option<Spanned<u64>>,
+    password_file: Option<Spanned<PathBuf>>,
+    tls_ca_file: Option<Spanned<PathBuf>>,
+    tls_cert_file: Option<Spanned<PathBuf>>,
+    tls_key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -180,7 +186,7 @@ struct DirFile {
 
 impl Config {
     /// Read and validate `path`, then apply environment overrides (`WARREN_BROKER_URL`,
-    /// `WARREN_EXCHANGE`, `WARREN_SERVER_NAME`).
+    /// `WARREN_EXCHANGE`, `WARREN_SERVER_NAME`, `WARREN_BROKER_PASSWORD`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: path.to_owned(),
@@ -224,10 +230,81 @@ impl Config {
             let span = file.broker.exchange.as_ref().map(|e| e.span());
             return Err(at(span, "broker.exchange", "must not be empty".into()));
         }
+        let read = |f: &Spanned<PathBuf>, key: &str| {
+            let path = base.join(f.get_ref());
+            std::fs::read(&path).map_err(|e| {
+                at(
+                    Some(f.span()),
+                    key,
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        let mut url = env("WARREN_BROKER_URL")
+            .or(file.broker.url)
+            .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned());
+        // The password may live apart from the URL, so the config can be shared and the secret
+        // kept in a file only the daemon reads (or in the environment).
+        let password = match (env("WARREN_BROKER_PASSWORD"), &file.broker.password_file) {
+            (Some(p), _) => Some(p),
+            (None, Some(f)) => {
+                let bytes = read(f, "broker.password_file")?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    at(
+                        Some(f.span()),
+                        "broker.password_file",
+                        "is not UTF-8".into(),
+                    )
+                })?;
+                Some(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+            (None, None) => None,
+        };
+        if let Some(password) = password {
+            let mut parsed = url::Url::parse(&url)
+                .map_err(|e| at(None, "broker.url", format!("not a valid AMQP URL: {e}")))?;
+            if parsed.set_password(Some(&password)).is_err() {
+                return Err(at(None, "broker.url", "cannot carry a password".into()));
+            }
+            url = parsed.to_string();
+        }
+        let tls = crate::amqp::Tls {
+            ca_pem: match &file.broker.tls_ca_file {
+                Some(f) => Some(String::from_utf8(read(f, "broker.tls_ca_file")?).map_err(
+                    |_| {
+                        at(
+                            Some(f.span()),
+                            "broker.tls_ca_file",
+                            "is not PEM text".into(),
+                        )
+                    },
+                )?),
+                None => None,
+            },
+            client: match (&file.broker.tls_cert_file, &file.broker.tls_key_file) {
+                (Some(c), Some(k)) => Some((
+                    read(c, "broker.tls_cert_file")?,
+                    read(k, "broker.tls_key_file")?,
+                )),
+                (None, None) => None,
+                (Some(c), None) => {
+                    return Err(at(
+                        Some(c.span()),
+                        "broker.tls_key_file",
+                        "tls_cert_file needs tls_key_file too".into(),
+                    ));
+                }
+                (None, Some(k)) => {
+                    return Err(at(
+                        Some(k.span()),
+                        "broker.tls_cert_file",
+                        "tls_key_file needs tls_cert_file too".into(),
+                    ));
+                }
+            },
+        };
         let broker = Broker {
-            url: env("WARREN_BROKER_URL")
-                .or(file.broker.url)
-                .unwrap_or_else(|| DEFAULT_BROKER_URL.to_owned()),
+            url,
             exchange,
             heartbeat: file.broker.heartbeat.unwrap_or(15),
             durable: file.broker.durable.unwrap_or(false) || file.broker.quorum.unwrap_or(false),
@@ -244,6 +321,7 @@ impl Config {
                     .as_ref()
                     .map_or(5000, |v| *v.get_ref()),
             ),
+            tls,
         };
         if broker.reconnect_initial.is_zero() || broker.reconnect_max < broker.reconnect_initial {
             let span = file

@@ -361,16 +361,27 @@ impl Daemon {
         let b = &config.broker;
         // Separate connections: a resource alarm blocks publishers, and must not stop
         // consumption.
-        let consume =
-            Connection::open(&b.url, &format!("warren-{name}-consume"), b.heartbeat).await?;
-        let publish =
-            match Connection::open(&b.url, &format!("warren-{name}-publish"), b.heartbeat).await {
-                Ok(c) => c,
-                Err(e) => {
-                    consume.close().await;
-                    return Err(e.into());
-                }
-            };
+        let consume = Connection::open_tls(
+            &b.url,
+            &format!("warren-{name}-consume"),
+            b.heartbeat,
+            &b.tls,
+        )
+        .await?;
+        let publish = match Connection::open_tls(
+            &b.url,
+            &format!("warren-{name}-publish"),
+            b.heartbeat,
+            &b.tls,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                consume.close().await;
+                return Err(e.into());
+            }
+        };
         let session = Arc::new(Session {
             consume,
             publish,
@@ -409,10 +420,13 @@ impl Daemon {
             publisher,
             lost: session.lost.clone(),
         }));
+        let mut started = Vec::new();
         {
             let serving = self.serving.lock().await;
             *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
             for s in serving.values() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                started.push(rx);
                 s.tasks.spawn(run_handler(
                     self.clone(),
                     session.clone(),
@@ -420,11 +434,15 @@ impl Daemon {
                     s.queues.clone(),
                     s.cancel.clone(),
                     s.tasks.clone(),
+                    Some(tx),
                 ));
             }
         }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        started.push(rx);
         self.background
-            .spawn(run_admin(self.clone(), session.clone()));
+            .spawn(run_admin(self.clone(), session.clone(), Some(tx)));
+        all_ready(started).await;
         Ok(session)
     }
 
@@ -475,7 +493,10 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let mut started = Vec::new();
         if let Some(session) = session {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            started.push(rx);
             tasks.spawn(run_handler(
                 self.clone(),
                 session,
@@ -483,6 +504,7 @@ impl Daemon {
                 queues.clone(),
                 cancel.clone(),
                 tasks.clone(),
+                Some(tx),
             ));
         }
         serving.insert(
@@ -495,6 +517,8 @@ impl Daemon {
                 tasks,
             },
         );
+        drop(serving);
+        all_ready(started).await;
     }
 
     /// Stop a handler: cancel its consumers, let its in-flight work finish, close its channel.
@@ -700,6 +724,7 @@ async fn run_handler(
     queues: TopicQueues,
     stop: CancellationToken,
     tasks: TaskTracker,
+    mut ready: Ready,
 ) {
     let topic = handler.topic.clone();
     let mut backoff = {
@@ -720,12 +745,19 @@ async fn run_handler(
                     return;
                 }
                 error!(%topic, error = %format!("{e:#}"), "cannot declare or consume the handler's queues; retrying");
+                // Start-up goes on without it rather than hang; the retries are logged.
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
                 if !pause(backoff.next_delay(), &stop, &session.lost).await {
                     return;
                 }
                 continue;
             }
         };
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
         // This channel's deliveries, so that stopping can wait for their acks before closing
         // it; each is also on the handler's tracker, which shutdown drains.
         let deliveries = TaskTracker::new();
@@ -802,7 +834,7 @@ async fn attach(
 /// requests nobody answers, and several daemons may share a server name (oslo allows it for
 /// multi-worker services); the first to answer wins. A fresh name on every session, since the
 /// old exclusive queue may outlive its connection briefly (RESOURCE_LOCKED otherwise).
-async fn run_admin(daemon: Arc<Daemon>, session: Arc<Session>) {
+async fn run_admin(daemon: Arc<Daemon>, session: Arc<Session>, mut ready: Ready) {
     let mut backoff = {
         let b = &daemon.config.lock().await.broker;
         Backoff::new(b.reconnect_initial, b.reconnect_max)
@@ -851,12 +883,18 @@ async fn run_admin(daemon: Arc<Daemon>, session: Arc<Session>) {
                     return;
                 }
                 error!(%topic, error = %format!("{e:#}"), "cannot consume the admin topic; retrying");
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
                 if !pause(backoff.next_delay(), &daemon.cancel, &session.lost).await {
                     return;
                 }
                 continue;
             }
         };
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
+        }
         let channel = intake.channel.clone();
         let admin = Arc::new(Admin {
             daemon: Arc::downgrade(&daemon),
@@ -961,6 +999,17 @@ async fn declare_dead_letter(conn: &Connection, dlx: &str) -> anyhow::Result<()>
     .await;
     channel.close().await;
     declared.with_context(|| format!("cannot declare the dead-letter exchange '{dlx}'"))
+}
+
+/// Told once a runner consumes (dropped unsent if it gives up first), so "ready" and
+/// "handler added" are logged only when requests can actually be routed.
+type Ready = Option<tokio::sync::oneshot::Sender<()>>;
+
+/// Wait until every runner behind `receivers` consumes or gives up.
+async fn all_ready(receivers: Vec<tokio::sync::oneshot::Receiver<()>>) {
+    for r in receivers {
+        let _ = r.await;
+    }
 }
 
 /// One consumer and what it takes to cancel it.

@@ -10,4 +10,5 @@ mod metrics;
 mod polyglot;
 mod reload;
 mod runtime;
+mod security;
 mod support;

@@ -26,8 +26,22 @@ pub struct BrokerArgs {
     exchange: Option<String>,
 }
 
+/// Where the client commands connect.
+struct Broker {
+    url: String,
+    exchange: String,
+    tls: warren::amqp::Tls,
+}
+
+impl Broker {
+    async fn connect(&self) -> Result<Client, CallError> {
+        Client::connect_tls(&self.url, &self.exchange, &self.tls).await
+    }
+}
+
 impl BrokerArgs {
-    fn resolve(&self) -> anyhow::Result<(String, String)> {
+    /// The broker URL, the exchange, and the config's TLS settings (none without `--config`).
+    fn resolve(&self) -> anyhow::Result<Broker> {
         let config = match &self.config {
             Some(path) => Some(Config::load(path)?),
             None => None,
@@ -43,7 +57,8 @@ impl BrokerArgs {
             .clone()
             .or_else(|| config.as_ref().map(|c| c.broker.exchange.clone()))
             .unwrap_or_else(|| DEFAULT_EXCHANGE.to_owned());
-        Ok((url, exchange))
+        let tls = config.map(|c| c.broker.tls).unwrap_or_default();
+        Ok(Broker { url, exchange, tls })
     }
 }
 
@@ -189,20 +204,19 @@ fn report(err: CallError) -> ExitCode {
 /// `warren call` and `warren multicall`.
 pub fn call(args: CallArgs, multi: bool) -> ExitCode {
     let prepared = (|| -> anyhow::Result<_> {
-        let (url, exchange) = args.broker.resolve()?;
+        let broker = args.broker.resolve()?;
         anyhow::ensure!(
             args.timeout > 0.0 && args.timeout.is_finite(),
             "--timeout must be a positive number of seconds"
         );
         Ok((
-            url,
-            exchange,
+            broker,
             object(&args.args, "ARGS")?,
             context(&args.context)?,
             runtime()?,
         ))
     })();
-    let (url, exchange, call_args, ctx, rt) = match prepared {
+    let (broker, call_args, ctx, rt) = match prepared {
         Ok(p) => p,
         Err(e) => return usage_error(e),
     };
@@ -212,7 +226,7 @@ pub fn call(args: CallArgs, multi: bool) -> ExitCode {
     };
     let timeout = Duration::from_secs_f64(args.timeout);
     rt.block_on(async {
-        let client = match Client::connect(&url, &exchange).await {
+        let client = match broker.connect().await {
             Ok(c) => c,
             Err(e) => return report(e),
         };
@@ -308,21 +322,20 @@ enum Op {
 
 fn send(broker: &BrokerArgs, body: &str, ctx: &str, op: Op) -> ExitCode {
     let prepared = (|| -> anyhow::Result<_> {
-        let (url, exchange) = broker.resolve()?;
+        let broker = broker.resolve()?;
         Ok((
-            url,
-            exchange,
+            broker,
             object(body, "the JSON argument")?,
             context(ctx)?,
             runtime()?,
         ))
     })();
-    let (url, exchange, body, ctx, rt) = match prepared {
+    let (broker, body, ctx, rt) = match prepared {
         Ok(p) => p,
         Err(e) => return usage_error(e),
     };
     rt.block_on(async move {
-        let client = match Client::connect(&url, &exchange).await {
+        let client = match broker.connect().await {
             Ok(c) => c,
             Err(e) => return report(e),
         };
@@ -394,22 +407,21 @@ pub struct RollbackArgs {
 
 fn admin(target: &AdminTarget, method: &str, args: Value) -> Result<Value, ExitCode> {
     let prepared = (|| -> anyhow::Result<_> {
-        let (url, exchange) = target.broker.resolve()?;
+        let broker = target.broker.resolve()?;
         let server = match &target.server {
             Some(s) => s.clone(),
             None => hostname::get()?.to_string_lossy().into_owned(),
         };
         Ok((
-            url,
-            exchange,
+            broker,
             server,
             serde_json::value::to_raw_value(&args)?,
             runtime()?,
         ))
     })();
-    let (url, exchange, server, args, rt) = prepared.map_err(usage_error)?;
+    let (broker, server, args, rt) = prepared.map_err(usage_error)?;
     rt.block_on(async {
-        let client = Client::connect(&url, &exchange).await.map_err(report)?;
+        let client = broker.connect().await.map_err(report)?;
         let target = Target::topic(warren::server::admin_topic(&server));
         let result = client
             .call(&target, method, &args, &Map::new(), Duration::from_secs(30))

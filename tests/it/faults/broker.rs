@@ -50,6 +50,13 @@ fn is_root() -> bool {
 impl PrivateBroker {
     /// Start a fresh node and wait until it accepts AMQP connections.
     pub fn start() -> PrivateBroker {
+        Self::start_with(|_| String::new())
+    }
+
+    /// As [`PrivateBroker::start`]; `extra` may write files into the node's directory (it is
+    /// handed its path, before ownership goes to the `rabbitmq` user) and returns more
+    /// `rabbitmq.conf` lines (e.g. a TLS listener).
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> PrivateBroker {
         let dir = tempfile::Builder::new()
             .prefix("warren-rabbit-")
             .tempdir()
@@ -71,7 +78,8 @@ impl PrivateBroker {
             format!(
                 "listeners.tcp.default = 127.0.0.1:{port}\n\
                  log.file.level = info\n\
-                 log.console = false\n"
+                 log.console = false\n{}",
+                extra(root)
             ),
         )
         .expect("rabbitmq.conf");

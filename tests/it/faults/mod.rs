@@ -12,7 +12,7 @@
 //! `WARREN_TEST_ECHO_LOG=1` echoes the daemons' logs.
 
 mod audit;
-mod broker;
+pub(crate) mod broker;
 pub(crate) mod relay;
 
 use std::io::{Read, Write};

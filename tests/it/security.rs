@@ -1,0 +1,247 @@
+//! Broker security: TLS with certificate verification against a private CA and a client
+//! certificate, on a private RabbitMQ node with a TLS listener set up here; and a password
+//! kept out of the config file and out of the log.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::faults::broker::{PrivateBroker, free_port};
+use crate::support::*;
+
+/// The `warren` CLI with exactly `args` (no default `--broker`).
+fn cli(args: &[&str]) -> Output {
+    Proc::spawn(&format!("warren {}", args.join(" ")), {
+        let mut cmd = warren();
+        cmd.args(args);
+        cmd
+    })
+    .finish(Duration::from_secs(60))
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed by
+/// the CA, in `dir` (`ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`).
+fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("pki dir");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=warren-test-ca",
+        ],
+    );
+    for (name, usage, san) in [
+        (
+            "server",
+            "serverAuth",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        ),
+        ("client", "clientAuth", ""),
+    ] {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!(
+                "{san}basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .expect("ext file");
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+/// A private node with a TLS listener that verifies client certificates; returns it, its TLS
+/// port and a directory holding the client's copies of the CA and client certificate.
+fn tls_broker() -> (PrivateBroker, u16, tempfile::TempDir) {
+    let client_pki = tempfile::tempdir().expect("tempdir");
+    make_pki(client_pki.path());
+    let tls_port = free_port();
+    let pki = client_pki.path().to_owned();
+    let broker = PrivateBroker::start_with(|root| {
+        let tls = root.join("tls");
+        std::fs::create_dir_all(&tls).expect("tls dir");
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::copy(pki.join(f), tls.join(f)).expect("copy pki");
+        }
+        format!(
+            "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+             ssl_options.cacertfile = {0}/ca.pem\n\
+             ssl_options.certfile = {0}/server.pem\n\
+             ssl_options.keyfile = {0}/server.key\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = true\n",
+            tls.display()
+        )
+    });
+    (broker, tls_port, client_pki)
+}
+
+fn tls_config(server: &str, port: u16, pki: &Path, client_cert: bool, topic: &str) -> String {
+    let cert = if client_cert {
+        format!(
+            "tls_cert_file = \"{0}/client.pem\"\ntls_key_file = \"{0}/client.key\"\n",
+            pki.display()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "[broker]\nurl = \"amqps://guest:guest@localhost:{port}/%2f\"\nexchange = \"{EXCHANGE}\"\n\
+         tls_ca_file = \"{}/ca.pem\"\n{cert}\n\
+         [server]\nname = \"{server}\"\nshutdown_timeout_secs = 10\n\n\
+         [[handler]]\ntopic = \"{topic}\"\nmodule = \"{}\"\n",
+        pki.display(),
+        plugin("echo").display()
+    )
+}
+
+#[test]
+fn daemon_and_client_speak_tls_to_a_broker_with_a_private_ca_and_client_certificates() {
+    let (_broker, port, pki) = tls_broker();
+    let server = unique("tls");
+    let topic = unique("tls_echo");
+    let config = tls_config(&server, port, pki.path(), true, &topic);
+    let daemon = Daemon::start_config(&server, &config);
+    assert!(daemon.count_log("connected") > 0);
+
+    // The CLI takes the TLS settings from the same config.
+    let cfg_file = daemon.dir.path().join("warren.toml");
+    let cfg = cfg_file.to_str().expect("utf-8 path");
+    let out = cli(&[
+        "call",
+        "--config",
+        cfg,
+        &topic,
+        "echo",
+        r#"{"value": "over tls"}"#,
+    ]);
+    out.assert_success();
+    assert_eq!(out.stdout.trim(), "\"over tls\"");
+
+    // Without the private CA the broker's certificate is not trusted.
+    let url = format!("amqps://guest:guest@localhost:{port}/%2f");
+    let out = cli(&["call", "--broker", &url, &topic, "echo", r#"{"value": 1}"#]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr.to_lowercase().contains("certificate") || out.stderr.contains("UnknownIssuer"),
+        "{}",
+        out.stderr
+    );
+
+    // Trusting the CA but without a client certificate, the broker refuses the handshake.
+    let no_cert = pki.path().join("no-cert.toml");
+    std::fs::write(
+        &no_cert,
+        tls_config(&server, port, pki.path(), false, &topic),
+    )
+    .expect("write config");
+    let out = cli(&[
+        "call",
+        "--config",
+        no_cert.to_str().expect("utf-8 path"),
+        &topic,
+        "echo",
+        r#"{"value": 1}"#,
+    ]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+}
+
+#[test]
+fn the_password_can_come_from_a_file_and_never_reaches_the_log() {
+    let server = unique("secret");
+    let topic = unique("secret_echo");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("password"), "guest\n").expect("password file");
+    let url = broker_url().replacen("guest:guest@", "guest@", 1);
+    assert!(!url.contains("guest:guest"), "{url}");
+    let config = format!(
+        "[broker]\nurl = \"{url}\"\npassword_file = \"{}\"\nexchange = \"{EXCHANGE}\"\n\n\
+         [server]\nname = \"{server}\"\n\n\
+         [[handler]]\ntopic = \"{topic}\"\nmodule = \"{}\"\n",
+        dir.path().join("password").display(),
+        plugin("echo").display()
+    );
+    let daemon = Daemon::start_config(&server, &config);
+    let rpc = Rpc::connect();
+    assert_eq!(
+        rpc.call(
+            &any_server(&topic),
+            "echo",
+            r#"{"value": 5}"#,
+            Duration::from_secs(10)
+        )
+        .expect("echo"),
+        "5"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("connecting"), "{log}");
+    assert!(
+        !log.contains("guest:guest"),
+        "the password reached the log:\n{log}"
+    );
+}
