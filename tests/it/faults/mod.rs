@@ -1053,9 +1053,10 @@ fn slow_consumer_never_holds_more_than_prefetch_unacked() {
         ),
     );
     let mut publisher = Publisher::new(&broker_url(), EXCHANGE, &topic);
-    // 10 x prefetch requests of 1 s each: 10 s of work at 4 at a time.
+    // 10 x prefetch requests of 2 s each: 20 s of work at 4 at a time, long enough for several
+    // `rabbitmqctl list_queues` samples even on a loaded machine (one can take seconds).
     let total = 10 * PREFETCH;
-    publisher.publish(Msg::batch(0, total, 0, 1000), total as usize, far(60));
+    publisher.publish(Msg::batch(0, total, 0, 2000), total as usize, far(60));
     let mut samples = Vec::new();
     let finished = eventually(Duration::from_secs(90), || {
         if let Some(counts) = queue_counts(&topic) {
