@@ -110,6 +110,8 @@ lint:
 	cd plugins && $(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --manifest-path plugins/Cargo.toml --target $(WASM_TARGET) -- -D warnings
+	cd plugins/hello-rust-component && $(CARGO) fmt -- --check
+	$(CARGO) clippy --manifest-path plugins/hello-rust-component/Cargo.toml --target wasm32-wasip2 --features hostile -- -D warnings
 
 bench: plugins
 	$(CARGO) bench -p warren --bench invoke
