@@ -20,6 +20,12 @@ use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 /// broker reads nothing, so this also bounds how long a publish waits out an alarm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long opening a connection (TCP, TLS and the AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a polite close may wait for the broker's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -109,13 +115,14 @@ impl Connection {
                 }),
             cert_chain: tls.ca_pem.clone(),
         };
-        let inner = match lapin::runtime::default_runtime() {
-            Ok(runtime) => {
-                lapin::Connection::connect_with_config(&url, props, config, runtime).await
-            }
-            Err(e) => Err(e),
-        }
-        .map_err(failed)?;
+        let runtime = lapin::runtime::default_runtime().map_err(ctx("no async runtime"))?;
+        let connect = lapin::Connection::connect_with_config(&url, props, config, runtime);
+        // Bounded: a broker (or a path to it) that accepts TCP and then says nothing would
+        // otherwise hold a reconnection attempt forever.
+        let inner = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(r) => r.map_err(failed)?,
+            Err(_) => return Err(AmqpError::NotConnected(CONNECT_TIMEOUT)),
+        };
         Ok(Connection {
             inner: std::sync::Arc::new(inner),
         })
@@ -155,10 +162,10 @@ impl Connection {
         })
     }
 
-    /// Close politely.
+    /// Close politely; bounded, since a half-open connection never answers.
     pub async fn close(&self) {
         if self.is_connected() {
-            let _ = self.inner.close(200, "bye".into()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.inner.close(200, "bye".into())).await;
         }
     }
 }
@@ -324,10 +331,14 @@ impl Channel {
 
     /// Stop a consumer; deliveries already received stay ours to ack.
     pub async fn cancel(&self, tag: &str) -> Result<(), AmqpError> {
-        self.inner
-            .basic_cancel(short(tag)?, BasicCancelOptions::default())
-            .await
-            .map_err(ctx(format!("cannot cancel consumer '{tag}'")))
+        let cancel = self
+            .inner
+            .basic_cancel(short(tag)?, BasicCancelOptions::default());
+        // Bounded: on a connection that died unnoticed the broker never answers.
+        match tokio::time::timeout(CLOSE_TIMEOUT, cancel).await {
+            Ok(r) => r.map_err(ctx(format!("cannot cancel consumer '{tag}'"))),
+            Err(_) => Err(AmqpError::NotConnected(CLOSE_TIMEOUT)),
+        }
     }
 
     /// Put the channel in confirm mode and wrap it as a publisher.
@@ -339,10 +350,10 @@ impl Channel {
         Ok(Publisher { channel: self })
     }
 
-    /// Close the channel.
+    /// Close the channel; bounded like [`Connection::close`].
     pub async fn close(&self) {
         if self.inner.status().connected() {
-            let _ = self.inner.close(200, "bye".into()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.inner.close(200, "bye".into())).await;
         }
     }
 }

@@ -339,7 +339,6 @@ impl Daemon {
                         _ = session.lost.cancelled() => {}
                     }
                     self.end_session(&session).await;
-                    warn!("broker connection lost; reconnecting");
                 }
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "cannot connect to the broker; retrying");
@@ -387,18 +386,15 @@ impl Daemon {
             publish,
             lost: CancellationToken::new(),
         });
-        self.background.spawn(watch_connection(
-            session.consume.clone(),
-            "consume",
-            session.lost.clone(),
-            self.metrics.clone(),
-        ));
-        self.background.spawn(watch_connection(
-            session.publish.clone(),
-            "publish",
-            session.lost.clone(),
-            self.metrics.clone(),
-        ));
+        for (conn, role) in [(&session.consume, "consume"), (&session.publish, "publish")] {
+            self.background.spawn(watch_connection(
+                conn.clone(),
+                role,
+                session.lost.clone(),
+                self.cancel.clone(),
+                self.metrics.clone(),
+            ));
+        }
         let prepared = async {
             let publisher = session.publish.channel().await?.into_publisher().await?;
             if let Some(dlx) = &config.server.dead_letter_exchange {
@@ -457,9 +453,14 @@ impl Daemon {
                 *current = None;
             }
         }
-        // Whichever connection still stands goes too: the next session opens both afresh.
-        session.consume.close().await;
-        session.publish.close().await;
+        warn!("broker connection lost; reconnecting");
+        // Whichever connection still stands goes too, in the background: a half-open one
+        // answers nothing, and the next session must not wait for it.
+        let old = session.clone();
+        self.background.spawn(async move {
+            old.consume.close().await;
+            old.publish.close().await;
+        });
     }
 
     /// Start serving a handler: on the current session now, and on every later one.
@@ -932,13 +933,14 @@ async fn run_admin(daemon: Arc<Daemon>, session: Arc<Session>, mut ready: Ready)
     }
 }
 
-/// Report a connection's failure (and log its alarms) until the session ends. Besides lapin's
-/// events, the status is checked every second: a close the broker initiated does not always
-/// come as an error event.
+/// Report a connection's failure (and log its alarms) until the session ends or the daemon
+/// stops. Besides lapin's events, the status is checked every second: a close the broker
+/// initiated does not always come as an error event.
 async fn watch_connection(
     conn: Connection,
     role: &'static str,
     lost: CancellationToken,
+    stop: CancellationToken,
     metrics: Arc<Metrics>,
 ) {
     let mut events = std::pin::pin!(conn.events());
@@ -946,6 +948,7 @@ async fn watch_connection(
     loop {
         tokio::select! {
             _ = lost.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = check.tick() => {
                 if !conn.is_connected() {
                     warn!(connection = role, "broker connection closed");
