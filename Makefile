@@ -6,12 +6,17 @@ WASM_TARGET := wasm32-wasip1
 PLUGINS := echo calc files receipt
 PLUGIN_OUT := plugins/out
 
-.PHONY: all build plugins run test lint bench broker venv clean
+.PHONY: all build plugins example-plugins run test lint bench broker venv clean
 
 all: build
 
-# Example handlers, built from source for wasm32-wasip1 and copied to plugins/out/.
-plugins:
+# Every example handler: the Rust ones `make run` serves, and the polyglot ones (C,
+# AssemblyScript, Python, JavaScript, Rust components) the tests run.
+plugins: example-plugins polyglot-plugins
+
+# The Rust example handlers, built from source for wasm32-wasip1 and copied to plugins/out/.
+# Only a Rust toolchain is needed for these.
+example-plugins:
 	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
 	$(CARGO) build --release --target $(WASM_TARGET) --manifest-path plugins/Cargo.toml
 	@mkdir -p $(PLUGIN_OUT)
@@ -19,7 +24,6 @@ plugins:
 	  cp plugins/target/$(WASM_TARGET)/release/$$p.wasm $(PLUGIN_OUT)/.$$p.wasm.tmp && \
 	  mv $(PLUGIN_OUT)/.$$p.wasm.tmp $(PLUGIN_OUT)/$$p.wasm; done
 	@echo "plugins: $(addprefix $(PLUGIN_OUT)/,$(addsuffix .wasm,$(PLUGINS)))"
-	@$(MAKE) --no-print-directory polyglot-plugins
 
 # The polyglot example plugins (plugins/polyglot.md): one per language, all with the same
 # methods and replies, built into plugins/out/<name>.wasm. tests/it/polyglot.rs runs this too.
@@ -87,7 +91,7 @@ polyglot-hello-rust-component:
 	  $(PLUGIN_OUT)/.hello-rust-component.wasm.tmp && \
 	  mv $(PLUGIN_OUT)/.hello-rust-component.wasm.tmp $(PLUGIN_OUT)/hello-rust-component.wasm
 
-build: plugins
+build: example-plugins
 	$(CARGO) build --release -p warren
 
 broker:
@@ -113,7 +117,7 @@ lint:
 	cd plugins/hello-rust-component && $(CARGO) fmt -- --check
 	$(CARGO) clippy --manifest-path plugins/hello-rust-component/Cargo.toml --target wasm32-wasip2 --features hostile -- -D warnings
 
-bench: plugins
+bench: example-plugins
 	$(CARGO) bench -p warren --bench invoke
 
 clean:
