@@ -15,6 +15,7 @@ use warren::runtime::{
     Runtime, parse_args,
 };
 
+use crate::polyglot::polyglot_plugin;
 use crate::support::{
     Daemon, DeleteQueues, Rpc, any_server, eventually, handler, repo, unique, warren, whoami_wat,
 };
@@ -45,31 +46,6 @@ fn hostile_component() -> PathBuf {
             target.join("wasm32-wasip2/release/hello_rust_component.wasm")
         })
         .clone()
-}
-
-/// An example component (`hello-py`, `hello-js`, `hello-rust-component`) built from source by
-/// its Makefile target into `plugins/out/`, once per test process and component.
-fn polyglot_plugin(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if !built.iter().any(|b| b == name) {
-        let out = Command::new("make")
-            .args(["-s", "--no-print-directory", &format!("polyglot-{name}")])
-            .current_dir(repo())
-            .output()
-            .expect("`make` runs");
-        assert!(
-            out.status.success(),
-            "`make polyglot-{name}` failed (the components need the Rust target wasm32-wasip2, \
-             python3 with venv, Node.js with npm; `.ci/run` installs them)\nstdout:\n{}\nstderr:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        built.push(name.to_owned());
-    }
-    let path = repo().join("plugins/out").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} was not built", path.display());
-    path
 }
 
 fn runtime() -> Runtime {
