@@ -92,7 +92,8 @@ pub struct Server {
     pub cache_dir: Option<PathBuf>,
     /// Reload modules and the config when their files change.
     pub watch: bool,
-    /// Deliveries of one request after which it is dead-lettered instead of run again.
+    /// Deliveries of one request (by the quorum queue's `x-delivery-count`) after which it is
+    /// dead-lettered instead of run again.
     pub max_deliveries: u32,
     /// Where poison requests and crashed casts go (a topic exchange and a queue of that name);
     /// `None`: they are answered with a failure or logged, then acked.

@@ -8,7 +8,7 @@
 //! | duplicate `_unique_id` already handled | ack (logged) |
 //! | handler ran (ok or any failure), reply confirmed or caller gone, or a cast | ack |
 //! | a cast whose guest crashed (trap, timeout, memory), dead-letter target set | dead-lettered, then ack |
-//! | delivered more than `max_deliveries` times (poison) | dead-lettered (or failure reply), then ack |
+//! | delivered more than `max_deliveries` times (quorum `x-delivery-count`: poison) | dead-lettered (or failure reply), then ack |
 //! | reply or dead-letter could not be published (broker trouble) | reject with requeue: it runs again |
 //!
 //! A request is acked only after its handler finished and its reply was confirmed, so a crash
@@ -16,13 +16,12 @@
 //! An ack whose channel died meanwhile is not sent (the broker redelivers the message); that is
 //! logged and counted, never taken for success.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
@@ -36,10 +35,6 @@ use crate::wire::{self, RemoteError, Request, truncate};
 /// How long a reply waits for a publisher while the daemon reconnects. The request is requeued
 /// (and runs again) if none comes in time.
 pub const LINK_WAIT: Duration = Duration::from_secs(30);
-
-/// Redeliveries remembered for poison detection; an unbounded map would grow with every
-/// message whose ack was lost, so past this the oldest counts are forgotten.
-const DELIVERY_COUNTS: usize = 10_000;
 
 /// Error class of a request delivered too often.
 pub const POISON_CLASS: &str = "PoisonMessage";
@@ -111,8 +106,6 @@ pub struct Dispatcher {
     dedup: Mutex<Dedup>,
     max_message_bytes: usize,
     limits: wire::Limits,
-    /// Deliveries seen per redelivered message (by body hash), for poison detection.
-    deliveries: Mutex<HashMap<[u8; 32], u32>>,
     max_deliveries: u32,
     dead_letter_exchange: Option<String>,
 }
@@ -152,7 +145,6 @@ impl Dispatcher {
             dedup: Mutex::new(Dedup::new(settings.dedup_window)),
             max_message_bytes: settings.max_message_bytes,
             limits: wire::Limits::DEFAULT,
-            deliveries: Mutex::new(HashMap::new()),
             max_deliveries: settings.max_deliveries,
             dead_letter_exchange: settings.dead_letter_exchange.clone(),
         }
@@ -210,13 +202,6 @@ impl Dispatcher {
             let settled = settle_delivery(delivery, &settle).await;
             if !settled {
                 self.metrics.stale_settle();
-            }
-            if settled
-                && matches!(settle, Settle::Ack { .. })
-                && delivery.redelivered()
-                && let Ok(mut counts) = self.deliveries.lock()
-            {
-                counts.remove(&body_key(delivery.body()));
             }
             // Remember the id only once the ack went out: a redelivery of a request whose ack
             // was lost must be answered again, not dropped.
@@ -339,30 +324,17 @@ impl Dispatcher {
         })
     }
 
-    /// Which delivery of this message this is (1 for the first): the quorum queue's count when
-    /// it gives one, else our own count of the redeliveries we saw.
+    /// Which delivery of this message this is (1 for the first), from the `x-delivery-count`
+    /// that quorum queues keep. Classic queues only say "redelivered", and a count kept here
+    /// would both vanish with a crashed daemon (the case that matters) and grow with our own
+    /// reconnections (which are not the message's fault), so there the count stays unknown.
     fn deliveries(&self, topic: &str, delivery: &Delivery) -> u32 {
-        let from_broker = delivery
-            .delivery_count()
-            .map(|n| u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX));
-        if !delivery.redelivered() {
-            return from_broker.unwrap_or(1);
+        if delivery.redelivered() {
+            self.metrics.redelivered(topic);
         }
-        self.metrics.redelivered(topic);
-        let ours = match self.deliveries.lock() {
-            Ok(mut counts) => {
-                if counts.len() >= DELIVERY_COUNTS {
-                    counts.clear();
-                }
-                // Not seen before: the first delivery went to a daemon that died (or to our
-                // previous connection), so this is at least the second.
-                let n = counts.entry(body_key(delivery.body())).or_insert(1);
-                *n = n.saturating_add(1);
-                *n
-            }
-            Err(_) => 2,
-        };
-        from_broker.map_or(ours, |b| b.max(ours))
+        delivery.delivery_count().map_or(1, |n| {
+            u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX)
+        })
     }
 
     /// Take a message delivered too often out of circulation: dead-letter it (or, without a
@@ -675,8 +647,4 @@ fn crashed(class: &str) -> bool {
         class,
         class::GUEST_TRAP | class::TIMEOUT | class::MEMORY_LIMIT_EXCEEDED
     )
-}
-
-fn body_key(body: &[u8]) -> [u8; 32] {
-    Sha256::digest(body).into()
 }
