@@ -795,7 +795,11 @@ async fn run_handler(
         if stop.is_cancelled() {
             return;
         }
-        warn!(%topic, "a consumer was cancelled by the broker (queue deleted?); declaring the queues again");
+        if ends.contains(&End::Failed) {
+            warn!(%topic, "the handler's channel failed; opening a new one");
+        } else {
+            warn!(%topic, "a consumer was cancelled by the broker (queue deleted?); declaring the queues again");
+        }
         if !pause(backoff.next_delay(), &stop, &session.lost).await {
             return;
         }

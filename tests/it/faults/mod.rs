@@ -1136,3 +1136,35 @@ fn reply_to_a_caller_that_went_away_is_dropped_logged_and_the_request_acked() {
     assert_calls_answered(&next, &next.ledger.clone(), Duration::from_secs(20));
     assert_eq!(daemon.count_log("panicked"), 0, "log:\n{}", tail(&daemon));
 }
+
+/// A consumer the broker cancels (its queue was deleted) is declared again and resumed, on the
+/// same connection.
+#[test]
+fn a_queue_deleted_under_the_daemon_is_declared_again_and_consumed() {
+    let topic = unique("ft_deleted");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let daemon = Daemon::start(&server, &handler(&topic, &plugin("echo"), ""));
+    let rpc = crate::support::Rpc::connect();
+    let target = crate::support::any_server(&topic);
+    let limit = Duration::from_secs(10);
+    assert_eq!(
+        rpc.call(&target, "echo", r#"{"value": 1}"#, limit)
+            .expect("echo"),
+        "1"
+    );
+    with_channel(&broker_url(), async |ch| {
+        ch.queue_delete(topic.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete the topic queue")
+    });
+    daemon
+        .wait_log("cancelled by the broker", Duration::from_secs(10))
+        .expect("the daemon notices the cancelled consumer");
+    // Until the queue is back a call is unroutable; then it is answered.
+    let answered = eventually(Duration::from_secs(20), || {
+        rpc.call(&target, "echo", r#"{"value": 2}"#, limit).ok()
+    });
+    assert_eq!(answered.as_deref(), Some("2"), "{}", daemon.log_text());
+    assert_eq!(daemon.count_log("broker connection lost"), 0);
+}
