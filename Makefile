@@ -6,7 +6,7 @@ WASM_TARGET := wasm32-wasip1
 PLUGINS := echo calc files receipt
 PLUGIN_OUT := plugins/out
 
-.PHONY: all build plugins example-plugins run test lint bench broker venv clean
+.PHONY: all build plugins example-plugins run test lint bench broker venv clean fuzz
 
 all: build
 
@@ -116,6 +116,11 @@ lint:
 	$(CARGO) clippy --manifest-path plugins/Cargo.toml --target $(WASM_TARGET) -- -D warnings
 	cd plugins/hello-rust-component && $(CARGO) fmt -- --check
 	$(CARGO) clippy --manifest-path plugins/hello-rust-component/Cargo.toml --target wasm32-wasip2 --features hostile -- -D warnings
+
+# The wire decoder's fuzz target (fuzz/README.md): nightly and cargo-fuzz, 30 s over the
+# committed corpus by default; `make fuzz FUZZ_SECONDS=600` runs longer.
+fuzz:
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),30) scripts/fuzz-smoke.sh
 
 bench: example-plugins
 	$(CARGO) bench -p warren --bench invoke
