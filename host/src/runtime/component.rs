@@ -29,7 +29,7 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-use warren::handler::types::{Error as GuestError, Level};
+use self::warren::handler::types::{Error as GuestError, Level};
 
 /// The WIT package (with version) this host implements.
 pub const WIT_PACKAGE: &str = "warren:handler@1.0.0";
