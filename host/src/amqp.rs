@@ -143,12 +143,6 @@ impl Connection {
         self.inner.status().connected()
     }
 
-    /// Whether the broker has blocked this connection (a resource alarm): publishes are held
-    /// until it is unblocked.
-    pub fn is_blocked(&self) -> bool {
-        self.inner.status().blocked()
-    }
-
     /// What happens to the connection from now on: blocked, unblocked, failed. The stream is fed
     /// by lapin's event queue, which only holds these rare connection-level events.
     pub fn events(&self) -> impl futures_util::Stream<Item = ConnectionEvent> + Send + 'static {

@@ -156,11 +156,6 @@ impl Dispatcher {
         self.link_changed.notify_waiters();
     }
 
-    /// The metrics this dispatcher updates.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Publish with confirms on the current link, waiting (bounded) for one while the daemon
     /// reconnects. A broker failure marks the link lost, which makes the daemon reconnect.
     async fn publish(
