@@ -975,14 +975,7 @@ fn flood_of_100k_casts_from_4_publishers_is_handled_in_bounded_memory() {
         std::thread::spawn(move || {
             let mut peak = 0u64;
             while !done.load(Ordering::SeqCst) {
-                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find_map(|l| l.strip_prefix("VmRSS:"))
-                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    })
-                    .unwrap_or(0);
+                let rss = crate::support::rss_kib_of(pid).unwrap_or(0);
                 peak = peak.max(rss);
                 std::thread::sleep(Duration::from_millis(100));
             }
