@@ -125,6 +125,12 @@ fuzz:
 bench: example-plugins
 	$(CARGO) bench -p warren --bench invoke
 
+# Warren against a native Rust baseline and a real oslo.messaging server on the local broker,
+# with the release build (BENCHMARKS.md): several minutes; prints the table, writes the chart.
+.PHONY: bench-compare
+bench-compare: build broker venv
+	./target/release/warren bench --compare --chart docs/bench.svg
+
 clean:
 	$(CARGO) clean
 	$(CARGO) clean --manifest-path plugins/Cargo.toml

@@ -1,5 +1,6 @@
 //! Command-line interface: parses arguments, calls the library, prints, and picks exit codes.
 
+mod bench;
 mod local;
 mod new;
 mod remote;
@@ -44,6 +45,7 @@ enum Command {
     Status(remote::StatusArgs),
     Reload(remote::ReloadArgs),
     Rollback(remote::RollbackArgs),
+    Bench(bench::BenchArgs),
 }
 
 /// Entry point of the binary.
@@ -70,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => remote::status(args),
         Command::Reload(args) => remote::reload(args),
         Command::Rollback(args) => remote::rollback(args),
+        Command::Bench(args) => bench::bench(args),
     }
 }
 
