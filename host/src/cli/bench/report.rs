@@ -107,6 +107,9 @@ pub struct Startup {
     pub warm_cache_rss_kib: Option<u64>,
 }
 
+/// A figure read from one server's results, for the ratio columns.
+type Metric<'a> = &'a dyn Fn(&ServerResult) -> Option<f64>;
+
 /// One of the targets.
 struct Target {
     what: &'static str,
@@ -193,7 +196,7 @@ impl Report {
         };
         let mut row = |label: String,
                        cell: &dyn Fn(&ServerResult) -> String,
-                       value: Option<&dyn Fn(&ServerResult) -> Option<f64>>| {
+                       value: Option<Metric>| {
             let _ = write!(out, "| {label} |");
             for s in &self.servers {
                 let _ = write!(out, " {} |", cell(s));
@@ -553,7 +556,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
