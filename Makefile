@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
-PLUGINS := echo calc files receipt
+PLUGINS := echo calc files receipt api
 PLUGIN_OUT := plugins/out
 
 .PHONY: all build plugins example-plugins run test lint bench broker venv clean fuzz

@@ -1,4 +1,4 @@
-//! The seven host imports of ABI v1 behind safe byte-slice functions.
+//! The host imports of ABI v1 behind safe byte-slice functions.
 //!
 //! On wasm32 they are the real `warren_v1` imports. Everywhere else a thread-local stand-in plays
 //! the host, so handlers can be unit-tested natively (see [`crate::testing`]) and doctests link.
@@ -17,7 +17,26 @@ mod imp {
             pub(super) fn output_write(src: *const u8, len: usize);
             pub(super) fn error_write(src: *const u8, len: usize);
             pub(super) fn log(level: i32, src: *const u8, len: usize);
+            pub(super) fn call(src: *const u8, len: usize) -> i32;
+            pub(super) fn cast(src: *const u8, len: usize) -> i32;
+            pub(super) fn fanout_cast(src: *const u8, len: usize) -> i32;
+            pub(super) fn notify(src: *const u8, len: usize) -> i32;
+            pub(super) safe fn reply_len() -> usize;
+            pub(super) fn reply_read(dst: *mut u8);
         }
+    }
+
+    /// Send an outbound request; the status and the reply (result or error JSON).
+    pub(crate) fn send(kind: super::Kind, request: &[u8]) -> (i32, Vec<u8>) {
+        let import = match kind {
+            super::Kind::Call => sys::call,
+            super::Kind::Cast => sys::cast,
+            super::Kind::FanoutCast => sys::fanout_cast,
+            super::Kind::Notify => sys::notify,
+        };
+        // SAFETY: the host only reads `request.len()` bytes from a live slice.
+        let status = unsafe { import(request.as_ptr(), request.len()) };
+        (status, read(sys::reply_len(), sys::reply_read))
     }
 
     /// Has the host copy a `len`-byte payload out through `fill` (`input_read` or
@@ -122,6 +141,50 @@ mod imp {
             Some(invocation) => invocation.logs.push((level, message.to_owned())),
             None => eprintln!("[{}] {message}", crate::log::Level::from_abi(level)),
         });
+    }
+
+    /// Stands in for the host's outbound RPC in native tests (`testing::stub_rpc`).
+    pub(crate) type Stub =
+        Box<dyn FnMut(&str, &serde_json::Value) -> Result<serde_json::Value, crate::Error>>;
+
+    thread_local! {
+        pub(crate) static STUB: RefCell<Option<Stub>> = const { RefCell::new(None) };
+    }
+
+    pub(crate) fn send(kind: super::Kind, request: &[u8]) -> (i32, Vec<u8>) {
+        let request: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
+        let outcome = STUB.with_borrow_mut(|stub| match stub {
+            Some(stub) => stub(kind.as_str(), &request),
+            None => Err(crate::Error::new(
+                "Unavailable",
+                "outbound RPC needs the Warren host; in native tests install testing::stub_rpc",
+            )),
+        });
+        match outcome {
+            Ok(value) => (0, serde_json::to_vec(&value).unwrap_or_default()),
+            Err(error) => (1, error.to_json()),
+        }
+    }
+}
+
+/// The outbound imports, named as in ABI.md.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Call,
+    Cast,
+    FanoutCast,
+    Notify,
+}
+
+impl Kind {
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Call => "call",
+            Kind::Cast => "cast",
+            Kind::FanoutCast => "fanout_cast",
+            Kind::Notify => "notify",
+        }
     }
 }
 

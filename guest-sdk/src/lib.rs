@@ -42,6 +42,7 @@ mod error;
 mod handler;
 pub mod log;
 mod output;
+pub mod rpc;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 

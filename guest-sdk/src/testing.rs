@@ -186,6 +186,41 @@ fn parse_error(json: &[u8]) -> Error {
     }
 }
 
+/// Stand in for the host's outbound RPC ([`crate::rpc`]) until the returned guard is dropped.
+///
+/// `stub` gets the kind (`"call"`, `"cast"`, `"fanout_cast"` or `"notify"`) and the request the
+/// host would get (`{"topic", "method", "args", ...}` as in ABI.md) and returns the result or
+/// the error. Without a stub every outbound request fails with class `Unavailable`.
+///
+/// ```
+/// use warren_guest::{Error, rpc, serde_json::{Value, json}, testing};
+///
+/// fn double(args: Value) -> Result<i64, Error> {
+///     let n: i64 = rpc::call("calc", "add", &json!({"a": args["n"], "b": args["n"]}))?;
+///     Ok(n)
+/// }
+///
+/// let _stub = testing::stub_rpc(|kind, request| {
+///     assert_eq!((kind, request["topic"].as_str()), ("call", Some("calc")));
+///     Ok(json!(request["args"]["a"].as_i64().unwrap() * 2))
+/// });
+/// assert_eq!(testing::invoke(double, r#"{"n": 21}"#, "{}").value(), Ok(42.into()));
+/// ```
+pub fn stub_rpc(stub: impl FnMut(&str, &Value) -> Result<Value, Error> + 'static) -> StubGuard {
+    abi::STUB.with_borrow_mut(|slot| *slot = Some(Box::new(stub)));
+    StubGuard(())
+}
+
+/// Removes the stub installed by [`stub_rpc`] when dropped.
+#[must_use = "the stub is removed when the guard is dropped"]
+pub struct StubGuard(());
+
+impl Drop for StubGuard {
+    fn drop(&mut self) {
+        abi::STUB.with_borrow_mut(|slot| *slot = None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

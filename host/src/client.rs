@@ -151,19 +151,21 @@ impl Client {
     /// As [`Client::connect`], with TLS settings for an `amqps://` URL.
     pub async fn connect_tls(url: &str, exchange: &str, tls: &Tls) -> Result<Client, CallError> {
         let link = Link::open(url, exchange, tls).await?;
-        // Percent-encoded names are left out rather than decoded by hand: a wrong `user_id`
-        // would make the broker refuse every message.
-        let user = url::Url::parse(url)
-            .ok()
-            .map(|u| u.username().to_owned())
-            .filter(|u| !u.is_empty() && !u.contains('%'));
-        Ok(Client {
+        let client = Self::lazy(url, exchange, tls);
+        *client.link.lock().await = Some(Arc::new(link));
+        Ok(client)
+    }
+
+    /// A client that connects on first use (and reconnects the same way after a loss), for a
+    /// process that may never send anything.
+    pub fn lazy(url: &str, exchange: &str, tls: &Tls) -> Client {
+        Client {
             url: url.to_owned(),
             tls: tls.clone(),
             exchange: exchange.to_owned(),
-            user,
-            link: tokio::sync::Mutex::new(Some(Arc::new(link))),
-        })
+            user: user_of(url),
+            link: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The live connection, reconnecting first if the last one was lost.
@@ -424,7 +426,12 @@ impl Client {
 
     /// Close the connection.
     pub async fn close(self) {
-        if let Some(link) = self.link.into_inner() {
+        self.disconnect().await;
+    }
+
+    /// Close the connection, if one is open; the next request opens a new one.
+    pub async fn disconnect(&self) {
+        if let Some(link) = self.link.lock().await.take() {
             link.reply_task.abort();
             link.conn.close().await;
         }
@@ -467,6 +474,15 @@ impl Client {
             Published::Nacked => Err(CallError::Refused),
         }
     }
+}
+
+/// The login user of `url`, sent as `user_id`. Percent-encoded names are left out rather than
+/// decoded by hand: a wrong `user_id` would make the broker refuse every message.
+fn user_of(url: &str) -> Option<String> {
+    url::Url::parse(url)
+        .ok()
+        .map(|u| u.username().to_owned())
+        .filter(|u| !u.is_empty() && !u.contains('%'))
 }
 
 fn register(waiters: &Waiters, msg_id: &str, tx: mpsc::UnboundedSender<Reply>) -> WaiterGuard {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::runtime::{Grants, Limits, Preopen};
+use crate::runtime::{Grants, Limits, Preopen, RpcGrants};
 
 /// The local broker every tool falls back to.
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -174,6 +174,9 @@ struct HandlerFile {
     env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     dirs: Vec<Spanned<DirFile>>,
+    call: Option<Spanned<Vec<String>>>,
+    cast: Option<Spanned<Vec<String>>>,
+    notify: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +522,26 @@ impl Config {
             if grants != Grants::default() {
                 limits.grants = Some(std::sync::Arc::new(grants));
             }
+            for (key, list) in [("call", &h.call), ("cast", &h.cast), ("notify", &h.notify)] {
+                let Some(list) = list else { continue };
+                if let Some(bad) = list.get_ref().iter().find(|t| *t != "*" && !valid_name(t)) {
+                    return Err(at(
+                        Some(list.span()),
+                        &format!("handler[{i}].{key}"),
+                        format!(
+                            "'{bad}' must be \"*\" or a topic of 1-100 letters, digits, '-', '_' or '.'"
+                        ),
+                    ));
+                }
+            }
+            let rpc = RpcGrants {
+                call: h.call.map(Spanned::into_inner).unwrap_or_default(),
+                cast: h.cast.map(Spanned::into_inner).unwrap_or_default(),
+                notify: h.notify.map(Spanned::into_inner).unwrap_or_default(),
+            };
+            if rpc != RpcGrants::default() {
+                limits.rpc = Some(std::sync::Arc::new(rpc));
+            }
             handlers.push(Handler {
                 topic: topic.clone(),
                 module: base.join(h.module.get_ref()),
@@ -664,6 +687,18 @@ mod tests {
                 .is_none(),
             "nothing by default"
         );
+
+        let c = parse("[[handler]]\ntopic = \"api\"\nmodule = \"a.wasm\"\ncall = [\"echo\", \"calc\"]\nnotify = [\"*\"]\n")
+            .expect("valid");
+        let rpc = c.handlers[0].limits.rpc.clone().expect("granted");
+        assert_eq!(rpc.call, ["echo", "calc"]);
+        assert!(rpc.cast.is_empty(), "nothing unless listed");
+        assert_eq!(rpc.notify, ["*"]);
+        let e = parse(
+            "[[handler]]\ntopic = \"api\"\nmodule = \"a.wasm\"\n\ncast = [\"ok\", \"not ok\"]\n",
+        )
+        .expect_err("bad topic");
+        assert_eq!((e.line, e.key.as_str()), (5, "handler[0].cast"), "{e}");
 
         let missing = text.replace("\"data\"", "\"nope\"");
         let e = Config::parse(&config, &missing, |_| None).expect_err("missing dir");

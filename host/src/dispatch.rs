@@ -40,7 +40,7 @@ pub const LINK_WAIT: Duration = Duration::from_secs(30);
 pub const POISON_CLASS: &str = "PoisonMessage";
 
 /// Context key carrying the AMQP `user_id` property, which RabbitMQ validates.
-pub const USER_ID_KEY: &str = "amqp_user_id";
+pub const USER_ID_KEY: &str = crate::runtime::CONTEXT_USER_ID;
 
 /// What answers the requests of one queue: a Wasm handler, or the daemon's admin topic.
 pub trait Service: Send + Sync {
@@ -108,6 +108,8 @@ pub struct Dispatcher {
     limits: wire::Limits,
     max_deliveries: u32,
     dead_letter_exchange: Option<String>,
+    /// Sends guests' outbound RPC; `None` when no handler is granted any.
+    outbound: Option<Arc<crate::outbound::Sender>>,
 }
 
 /// A publisher and the token that reports its connection lost.
@@ -130,6 +132,8 @@ pub struct DispatchSettings {
     pub max_deliveries: u32,
     /// Where poison requests and crashed casts go.
     pub dead_letter_exchange: Option<String>,
+    /// Sends guests' outbound RPC.
+    pub outbound: Option<Arc<crate::outbound::Sender>>,
 }
 
 impl Dispatcher {
@@ -147,6 +151,7 @@ impl Dispatcher {
             limits: wire::Limits::DEFAULT,
             max_deliveries: settings.max_deliveries,
             dead_letter_exchange: settings.dead_letter_exchange.clone(),
+            outbound: settings.outbound.clone(),
         }
     }
 
@@ -444,16 +449,30 @@ impl Dispatcher {
         let Ok(permit) = self.invocations.clone().acquire_owned().await else {
             return Err(Failure::new(class::OVERLOADED, "daemon is shutting down"));
         };
+        let mut _permit_held = None;
         let runtime = self.runtime.clone();
         let module = module.clone();
         let method = request.method.clone();
         let args = request.args.clone();
         let limits = handler.limits.clone();
         let span = tracing::Span::current();
+        let outbound = match (&self.outbound, &limits.rpc) {
+            (Some(sender), Some(_)) => Some(crate::outbound::Invocation::new(
+                sender.clone(),
+                self.invocations.clone(),
+                permit,
+            )),
+            _ => {
+                // Held for the whole invocation: nothing makes this guest wait.
+                _permit_held = Some(permit);
+                None
+            }
+        };
         let work = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permit = _permit_held;
             let _enter = span.enter();
-            runtime.invoke(&module, &method, &args, context, &limits)
+            let outbound = outbound.map(|o| Arc::new(o) as Arc<dyn crate::runtime::Outbound>);
+            runtime.invoke_with(&module, &method, &args, context, &limits, outbound)
         });
         let heartbeat = request
             .heartbeat_interval()

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod metrics;
+pub mod outbound;
 pub mod registry;
 pub mod runtime;
 pub mod server;

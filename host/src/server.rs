@@ -117,8 +117,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .max()
             .unwrap_or(0)
             .max(64 << 20),
-        // Room for every running invocation plus the smoke tests of loads and reloads.
-        max_instances: u32::try_from(config.server.concurrency * 2 + STARTUP_LOADS + 8)
+        // Room for every running invocation, as many again waiting on outbound calls (they
+        // give their slot back while they wait), and the smoke tests of loads and reloads.
+        max_instances: u32::try_from(config.server.concurrency * 4 + STARTUP_LOADS + 8)
             .unwrap_or(u32::MAX),
     };
     let runtime = Arc::new(Runtime::new(&settings)?);
@@ -153,6 +154,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         ),
         None => None,
     };
+    // Connects only when a guest first sends something.
+    let outbound = Arc::new(crate::outbound::Sender::new(
+        &config.broker.url,
+        &config.broker.exchange,
+        &config.broker.tls,
+        &config.server.name,
+        tokio::runtime::Handle::current(),
+    ));
     let dispatcher = Arc::new(Dispatcher::new(
         runtime.clone(),
         &DispatchSettings {
@@ -161,6 +170,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             max_message_bytes: config.server.max_message_bytes,
             max_deliveries: config.server.max_deliveries,
             dead_letter_exchange: config.server.dead_letter_exchange.clone(),
+            outbound: Some(outbound.clone()),
         },
         metrics.clone(),
     ));
@@ -227,6 +237,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
     daemon.dispatcher.set_link(None);
+    outbound.close().await;
     let session = daemon
         .session
         .lock()

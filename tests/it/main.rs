@@ -7,6 +7,7 @@ mod daemon;
 mod faults;
 mod interop;
 mod metrics;
+mod outbound;
 mod polyglot;
 mod reload;
 mod runtime;

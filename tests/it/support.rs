@@ -780,3 +780,52 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Take one message from `queue` (acked), or `None` if it is empty or missing.
+pub fn get_message(queue: &str) -> Option<Vec<u8>> {
+    use lapin::options::BasicGetOptions;
+    with_channel(async |channel| {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(message)) => Some(message.delivery.data.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// Declare `queue` and bind it to [`EXCHANGE`] under its own name: a topic whose requests are
+/// routed and never answered. Delete it with [`DeleteQueues`].
+pub fn declare_bound_queue(queue: &str) {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    with_channel(async |channel| {
+        channel
+            .exchange_declare(
+                EXCHANGE.into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                Default::default(),
+            )
+            .await
+            .expect("exchange");
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default(),
+                Default::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                queue.into(),
+                EXCHANGE.into(),
+                queue.into(),
+                QueueBindOptions::default(),
+                Default::default(),
+            )
+            .await
+            .expect("bind");
+    })
+}

@@ -12,6 +12,7 @@ use super::stdio::CappedPipe;
 
 use super::Grants;
 use super::error::{Failure, class};
+use super::outbound::Kind;
 
 /// The import module name. A future ABI gets a new name, so old modules never link against it.
 pub const IMPORT_MODULE: &str = "warren_v1";
@@ -101,6 +102,10 @@ pub(crate) struct State {
     pub handler: Arc<str>,
     pub log_lines: usize,
     pub logs_dropped: usize,
+    /// Outbound RPC: grants, the sender, the deadline and the count sent.
+    pub outbound: super::outbound::Session,
+    /// The last outbound request's reply (a result, or an error JSON), for `reply_read`.
+    pub reply: Vec<u8>,
 }
 
 /// Caps linear memory and tables, and remembers that the cap was hit so the resulting trap is
@@ -355,7 +360,63 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
             Ok(())
         },
     )?;
+    for kind in [Kind::Call, Kind::Cast, Kind::FanoutCast, Kind::Notify] {
+        linker.func_wrap(
+            IMPORT_MODULE,
+            kind.as_str(),
+            move |mut caller: Caller<'_, State>, src: i32, len: i32| -> wasmtime::Result<i32> {
+                let (memory, range) = read_out(&mut caller, src, len)?;
+                let (mem, state) = memory.data_and_store_mut(&mut caller);
+                if range.len() > state.max_output_bytes {
+                    let msg = format!(
+                        "{} request exceeds the cap of {} bytes",
+                        kind.as_str(),
+                        state.max_output_bytes
+                    );
+                    return Err(fail(state, Failure::new(class::RESULT_TOO_LARGE, msg)));
+                }
+                let request = mem[range].to_vec();
+                let (status, reply) = state.send(kind, &request);
+                state.reply = reply;
+                Ok(status)
+            },
+        )?;
+    }
+    linker.func_wrap(IMPORT_MODULE, "reply_len", |caller: Caller<'_, State>| {
+        caller.data().reply.len() as i32
+    })?;
+    linker.func_wrap(
+        IMPORT_MODULE,
+        "reply_read",
+        |mut caller: Caller<'_, State>, dst: i32| copy_in(&mut caller, dst, |s| &s.reply),
+    )?;
     Ok(())
+}
+
+impl State {
+    /// Run one outbound request for the guest: status 0 and the result JSON (`null` for all but
+    /// a call), or status 1 and an error JSON in the shape guests write with `error_write`.
+    fn send(&mut self, kind: Kind, request: &[u8]) -> (i32, Vec<u8>) {
+        let outcome = self
+            .outbound
+            .request(kind, &self.handler, &self.context, request);
+        match outcome {
+            Ok(result) => {
+                let text = result.as_ref().map_or("null", |r| r.get());
+                (0, text.as_bytes().to_vec())
+            }
+            Err(failure) => {
+                tracing::info!(
+                    handler = %self.handler,
+                    kind = kind.as_str(),
+                    class = %failure.class,
+                    error = %failure.message,
+                    "outbound request failed"
+                );
+                (1, serde_json::to_vec(&failure).unwrap_or_default())
+            }
+        }
+    }
 }
 
 /// Emit a guest's log line as a tracing event in the current span (the invocation's), with

@@ -13,6 +13,7 @@ mod cache;
 mod component;
 pub mod engine;
 pub mod error;
+pub mod outbound;
 mod stdio;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,11 @@ pub use cache::{CacheOutcome, ModuleCache};
 pub use component::{WIT_EXPORT, WIT_IMPORT, WIT_PACKAGE};
 pub use engine::{Allocator, EngineSettings};
 pub use error::{Failure, LoadError, class};
+pub use outbound::{Outbound, RpcGrants};
+
+/// Context key carrying the AMQP `user_id` property, which RabbitMQ validates: the one caller
+/// identity a handler can trust. Only the receiving host sets it.
+pub const CONTEXT_USER_ID: &str = "amqp_user_id";
 
 /// Per-handler sandbox limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +55,8 @@ pub struct Limits {
     pub log_stdio: bool,
     /// What the guest may reach through WASI; `None` grants nothing.
     pub grants: Option<Arc<Grants>>,
+    /// Topics the guest may call, cast and notify; `None` grants nothing.
+    pub rpc: Option<Arc<RpcGrants>>,
 }
 
 /// Capabilities granted to a handler through WASI. Nothing unless the config says so.
@@ -82,6 +90,7 @@ impl Limits {
         max_args_bytes: 1 << 20,
         log_stdio: true,
         grants: None,
+        rpc: None,
     };
 }
 
@@ -357,6 +366,20 @@ impl Runtime {
         context: Arc<[u8]>,
         limits: &Limits,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
+        self.invoke_with(module, method, args, context, limits, None)
+    }
+
+    /// [`Runtime::invoke`], with `outbound` sending the guest's outbound RPC (which
+    /// `limits.rpc` grants); without it, outbound requests fail with `Unavailable`.
+    pub fn invoke_with(
+        &self,
+        module: &Module,
+        method: &str,
+        args: &RawValue,
+        context: Arc<[u8]>,
+        limits: &Limits,
+        outbound: Option<Arc<dyn Outbound>>,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
         let export = match module.inner.methods.get(method) {
             Some(Method::Core(export)) => export,
             Some(Method::Component) => {
@@ -369,6 +392,7 @@ impl Runtime {
         check_args(args)?;
         check_args_size(args, limits)?;
         let mut sandbox = self.sandbox(module, args.get().as_bytes().to_vec(), context, limits);
+        sandbox.store.data_mut().outbound.sender = outbound;
         let instance = sandbox.start()?;
         let status = sandbox.call_i32(&instance, export)?;
         sandbox.finish(status)
@@ -406,6 +430,13 @@ impl Runtime {
             handler: module.inner.name.clone(),
             log_lines: 0,
             logs_dropped: 0,
+            outbound: outbound::Session {
+                grants: limits.rpc.clone(),
+                sender: None,
+                deadline: std::time::Instant::now() + limits.timeout,
+                sent: 0,
+            },
+            reply: Vec::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
