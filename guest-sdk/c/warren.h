@@ -53,6 +53,12 @@ WARREN_IMPORT_("context_read") void warren_raw_context_read(void *dst);
 WARREN_IMPORT_("output_write") void warren_raw_output_write(const void *src, int32_t len);
 WARREN_IMPORT_("error_write") void warren_raw_error_write(const void *src, int32_t len);
 WARREN_IMPORT_("log") void warren_raw_log(int32_t level, const void *src, int32_t len);
+WARREN_IMPORT_("call") int32_t warren_raw_call(const void *src, int32_t len);
+WARREN_IMPORT_("cast") int32_t warren_raw_cast(const void *src, int32_t len);
+WARREN_IMPORT_("fanout_cast") int32_t warren_raw_fanout_cast(const void *src, int32_t len);
+WARREN_IMPORT_("notify") int32_t warren_raw_notify(const void *src, int32_t len);
+WARREN_IMPORT_("reply_len") int32_t warren_raw_reply_len(void);
+WARREN_IMPORT_("reply_read") void warren_raw_reply_read(void *dst);
 
 /* The ABI marker the host checks at load time. Weak, so several .c files may include this. */
 __attribute__((weak, export_name("warren_abi_version"))) int32_t warren_abi_version(void) {
@@ -150,6 +156,35 @@ static inline warren_str warren_context(void) {
         read = true;
     }
     return cached;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Outbound RPC (ABI.md, "Outbound RPC"): `request` is the request JSON, e.g.
+ *   {"topic": "calc", "method": "add", "args": {"a": 1, "b": 2}}
+ * Returns WARREN_OK with the result JSON (`null` except for a call) in *reply, or WARREN_FAILED
+ * with the error JSON ({"class", "message", "data"}) in *reply, which can be passed on with
+ * warren_error_json(). *reply is malloc'd and NUL-terminated. Only topics the handler's config
+ * grants (`call`, `cast`, `notify`) are reachable.                                           */
+
+static inline int32_t warren_send_(int32_t (*send)(const void *, int32_t), const char *request,
+                                   size_t n, warren_str *reply) {
+    int32_t status = send(request, (int32_t)n);
+    warren_str r = warren_read_all_(warren_raw_reply_len, warren_raw_reply_read);
+    if (reply) *reply = r;
+    return status == 0 ? WARREN_OK : WARREN_FAILED;
+}
+
+static inline int32_t warren_call(const char *request, size_t n, warren_str *reply) {
+    return warren_send_(warren_raw_call, request, n, reply);
+}
+static inline int32_t warren_cast(const char *request, size_t n, warren_str *reply) {
+    return warren_send_(warren_raw_cast, request, n, reply);
+}
+static inline int32_t warren_fanout_cast(const char *request, size_t n, warren_str *reply) {
+    return warren_send_(warren_raw_fanout_cast, request, n, reply);
+}
+static inline int32_t warren_notify(const char *request, size_t n, warren_str *reply) {
+    return warren_send_(warren_raw_notify, request, n, reply);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -613,6 +648,13 @@ static inline int32_t warren_error_n(const char *cls, const char *message, size_
 static inline int32_t warren_error(const char *cls, const char *message, const char *data_json) {
     return warren_error_n(cls, message, strlen(message), data_json,
                           data_json ? strlen(data_json) : 0);
+}
+
+/* Fail with an error JSON as the host wrote it ({"class", "message", "data"}), e.g. the reply
+ * of a failed warren_call: the caller then sees the remote failure unchanged. */
+static inline int32_t warren_error_json(warren_str error) {
+    warren_raw_error_write(error.ptr, (int32_t)error.len);
+    return WARREN_FAILED;
 }
 
 /* Log n bytes of UTF-8 at level (WARREN_TRACE .. WARREN_ERROR). */

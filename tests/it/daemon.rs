@@ -243,6 +243,12 @@ fn undecodable_messages_are_rejected_logged_and_not_left_in_the_queue() {
     .into_bytes();
     let long_method =
         format!(r#"{{"method": "{}", "args": {{}}}}"#, "m".repeat(10_000)).into_bytes();
+    // A reply address naming another queue (here the topic's own): answering it would let any
+    // publisher inject messages into arbitrary queues through the daemon.
+    let hostile_reply_q = format!(
+        r#"{{"method": "echo", "args": {{"value": 1}}, "_msg_id": "m1", "_reply_q": "{topic}"}}"#
+    )
+    .into_bytes();
     let echo = br#"{"method": "echo", "args": {"value": 1}}"#.to_vec();
     let oversized = format!(
         r#"{{"method": "echo", "args": {{"value": "{}"}}}}"#,
@@ -258,13 +264,14 @@ fn undecodable_messages_are_rejected_logged_and_not_left_in_the_queue() {
             (&array, json),
             (&deep, json),
             (&long_method, json),
+            (&hostile_reply_q, json),
             (&echo, "text/plain"),
             (&oversized, json),
         ],
     );
 
-    // Each rejection names its reason; the size tells the four undecodable ones apart.
-    let mut expected: Vec<String> = [&garbage, &array, &deep, &long_method]
+    // Each rejection names its reason; the size tells the five undecodable ones apart.
+    let mut expected: Vec<String> = [&garbage, &array, &deep, &long_method, &hostile_reply_q]
         .iter()
         .map(|body| format!("undecodable message rejected&size={}", body.len()))
         .collect();
