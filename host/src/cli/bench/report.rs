@@ -222,7 +222,7 @@ impl Report {
             );
             let p50 = move |s: &ServerResult| s.calls_with(callers).map(|c| c.p50_ms);
             row(
-                format!("latency p50 / p99 / max (ms), {callers} caller{plural}"),
+                format!("latency p50 / p99 / max (ms), {callers} caller{plural} (ratios: p50)"),
                 &|s| {
                     s.calls_with(callers).map_or("–".into(), |c| {
                         format!("{:.2} / {:.2} / {:.1}", c.p50_ms, c.p99_ms, c.max_ms)
