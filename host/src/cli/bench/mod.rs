@@ -116,6 +116,24 @@ struct Plan {
     payload_bytes: usize,
     prefetch: u16,
     quick: bool,
+    /// Queues of servers this run started and has not deleted yet: deleted at the end
+    /// however the run ends (an error, Ctrl-C), so a flood never stays behind on the broker.
+    undeleted: std::sync::Mutex<Vec<String>>,
+}
+
+impl Plan {
+    fn created(&self, queues: &[String]) {
+        if let Ok(mut q) = self.undeleted.lock() {
+            q.extend_from_slice(queues);
+        }
+    }
+
+    async fn delete(&self, admin: &mut Admin, queues: &[String]) {
+        admin.delete(queues).await;
+        if let Ok(mut q) = self.undeleted.lock() {
+            q.retain(|name| !queues.contains(name));
+        }
+    }
 }
 
 /// `warren bench`.
@@ -153,6 +171,7 @@ pub fn bench(args: BenchArgs) -> ExitCode {
         payload_bytes: args.payload_bytes,
         prefetch: args.prefetch,
         quick,
+        undeleted: std::sync::Mutex::default(),
     };
     // Dropping the run (Ctrl-C, SIGTERM) drops every Peer, which kills its process.
     let outcome = runtime.block_on(async {
@@ -161,6 +180,18 @@ pub fn bench(args: BenchArgs) -> ExitCode {
             _ = peers::stop_signal() => Err(anyhow::anyhow!("interrupted; servers stopped")),
         }
     });
+    let undeleted = plan.undeleted.lock().map(|q| q.clone()).unwrap_or_default();
+    if !undeleted.is_empty() {
+        runtime.block_on(async {
+            let cleanup = async {
+                if let Ok(mut admin) = Admin::connect(&plan.url).await {
+                    admin.delete(&undeleted).await;
+                    admin.close().await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), cleanup).await;
+        });
+    }
     match outcome {
         Ok(report) => {
             if args.json {
@@ -281,6 +312,7 @@ async fn compare(
     // Compile the module into the cache once, so the measured process starts as any restart
     // does. (The first start ever compiles, and its RSS stays higher; the start-up figures
     // below show both.)
+    plan.created(&server_queues(&topics, &server_name));
     let priming = Peer::start(
         "warren",
         warren_command(&config_path)?,
@@ -306,6 +338,7 @@ async fn compare(
         .map(|i| format!("bench_{id}_start{i}"))
         .collect();
     let queues = server_queues(&topics, &server_name);
+    plan.created(&queues);
     let cache = workdir.path.join("startup-cache");
     let mut startup = Startup {
         handlers,
@@ -349,7 +382,7 @@ async fn compare(
         }
         peer.stop(Duration::from_secs(15)).await;
     }
-    admin.delete(&queues).await;
+    plan.delete(admin, &queues).await;
     report.startup = Some(startup);
     Ok(())
 }
@@ -376,6 +409,7 @@ async fn measure(
     let (peer, queues) = match spawn {
         Some(s) => {
             eprintln!("{name}: starting");
+            plan.created(&s.queues);
             let peer = Peer::start(name, s.command, s.ready, Duration::from_secs(120)).await?;
             eprintln!(
                 "{name}: ready after {:.0} ms",
@@ -392,7 +426,7 @@ async fn measure(
         }
         peer.stop(Duration::from_secs(15)).await;
     }
-    admin.delete(&queues).await;
+    plan.delete(admin, &queues).await;
     outcome.map(|()| result)
 }
 
