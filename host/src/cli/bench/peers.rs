@@ -195,7 +195,7 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
 /// Samples a process's RSS every 20 ms on a thread and keeps the peak.
 pub struct RssSampler {
     done: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<u64>,
+    thread: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl RssSampler {
@@ -213,13 +213,23 @@ impl RssSampler {
                 peak
             })
         };
-        RssSampler { done, thread }
+        RssSampler {
+            done,
+            thread: Some(thread),
+        }
     }
 
     /// Stop and return the peak, KiB.
-    pub fn stop(self) -> u64 {
+    pub fn stop(mut self) -> u64 {
         self.done.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or(0)
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for RssSampler {
+    /// A run that fails mid-flood still ends the thread.
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
     }
 }
 
