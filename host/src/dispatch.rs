@@ -108,7 +108,7 @@ pub struct Dispatcher {
     limits: wire::Limits,
     max_deliveries: u32,
     dead_letter_exchange: Option<String>,
-    /// Sends guests' outbound RPC; `None` when no handler is granted any.
+    /// Sends guests' outbound RPC; `None` makes every outbound request `Unavailable`.
     outbound: Option<Arc<crate::outbound::Sender>>,
 }
 
@@ -449,27 +449,24 @@ impl Dispatcher {
         let Ok(permit) = self.invocations.clone().acquire_owned().await else {
             return Err(Failure::new(class::OVERLOADED, "daemon is shutting down"));
         };
-        let mut _permit_held = None;
         let runtime = self.runtime.clone();
         let module = module.clone();
         let method = request.method.clone();
         let args = request.args.clone();
         let limits = handler.limits.clone();
         let span = tracing::Span::current();
-        let outbound = match (&self.outbound, &limits.rpc) {
-            (Some(sender), Some(_)) => Some(crate::outbound::Invocation::new(
-                sender.clone(),
-                self.invocations.clone(),
-                permit,
-            )),
-            _ => {
-                // Held for the whole invocation: nothing makes this guest wait.
-                _permit_held = Some(permit);
-                None
+        // A guest granted outbound RPC lends its permit back while it waits for a reply; any
+        // other holds it for the whole invocation.
+        let (outbound, held) = match (&self.outbound, &limits.rpc) {
+            (Some(sender), Some(_)) => {
+                let slots = self.invocations.clone();
+                let o = crate::outbound::Invocation::new(sender.clone(), slots, permit);
+                (Some(o), None)
             }
+            _ => (None, Some(permit)),
         };
         let work = tokio::task::spawn_blocking(move || {
-            let _permit = _permit_held;
+            let _permit = held;
             let _enter = span.enter();
             let outbound = outbound.map(|o| Arc::new(o) as Arc<dyn crate::runtime::Outbound>);
             runtime.invoke_with(&module, &method, &args, context, &limits, outbound)

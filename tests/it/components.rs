@@ -386,3 +386,94 @@ fn replace(path: &Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).expect("write temp");
     std::fs::rename(&tmp, path).expect("rename");
 }
+
+/// Answers every outbound call with `"answered"` and records what it was sent.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, String, String)>>);
+
+impl warren::runtime::Outbound for Recorder {
+    fn send(
+        &self,
+        m: warren::runtime::outbound::Message,
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, Failure> {
+        let is_call = m.kind == warren::runtime::outbound::Kind::Call;
+        if let Ok(mut sent) = self.0.lock() {
+            sent.push((m.kind.as_str().to_owned(), m.topic, m.method));
+        }
+        // As the daemon's sender: a result for a call, nothing for the others.
+        Ok(is_call
+            .then(|| serde_json::value::RawValue::from_string(r#""answered""#.to_owned()).ok())
+            .flatten())
+    }
+}
+
+#[test]
+fn components_and_modules_send_outbound_rpc_within_their_grants() {
+    let rt = runtime();
+    let recorder = Arc::new(Recorder::default());
+    let granted = Limits {
+        rpc: Some(Arc::new(warren::runtime::RpcGrants {
+            call: vec!["calc".into()],
+            notify: vec!["notifications".into()],
+            ..Default::default()
+        })),
+        ..Limits::DEFAULT
+    };
+    let relay = |m: &Module, limits: &Limits, args: &str| {
+        let args = parse_args(args).expect("args");
+        let sender = recorder.clone() as Arc<dyn warren::runtime::Outbound>;
+        rt.invoke_with(
+            m,
+            "relay",
+            &args,
+            Arc::from(&b"{}"[..]),
+            limits,
+            Some(sender),
+        )
+        .map(|rs| rs.iter().map(|r| r.get().to_owned()).collect::<Vec<_>>())
+    };
+
+    // The component's `relay` passes its request through the WIT `send`.
+    let component = load(&rt, &hostile_component(), &granted);
+    let call =
+        r#"{"kind": "call", "request": {"topic": "calc", "method": "add", "args": {"a": 1}}}"#;
+    assert_eq!(
+        relay(&component, &granted, call).expect("granted"),
+        [r#""answered""#]
+    );
+    let err = relay(&component, &Limits::DEFAULT, call).expect_err("not granted");
+    assert_eq!(err.class, "Forbidden", "{err:?}");
+    let cast = r#"{"kind": "cast", "request": {"topic": "calc", "method": "add"}}"#;
+    let err = relay(&component, &granted, cast).expect_err("call grant only");
+    assert_eq!(err.class, "Forbidden", "{err:?}");
+    let note = r#"{"kind": "notify", "request": {"event_type": "e", "payload": {}}}"#;
+    assert_eq!(relay(&component, &granted, note).expect("notify"), ["null"]);
+
+    // The same through the core-module imports (the example api plugin).
+    let api = rt
+        .load(
+            "api",
+            &std::fs::read(crate::support::plugin("api")).expect("read"),
+            &granted,
+        )
+        .expect("api loads");
+    let args = r#"{"topic": "calc", "method": "add", "args": {"a": 1}}"#;
+    assert_eq!(
+        relay(&api, &granted, args).expect("granted"),
+        [r#""answered""#]
+    );
+    let err = relay(&api, &Limits::DEFAULT, args).expect_err("not granted");
+    assert_eq!(err.class, "Forbidden", "{err:?}");
+
+    let sent = recorder.0.lock().expect("lock").clone();
+    let expected = [
+        ("call", "calc", "add"),
+        ("notify", "notifications", "e"),
+        ("call", "calc", "add"),
+    ];
+    let sent: Vec<(&str, &str, &str)> = sent
+        .iter()
+        .map(|(k, t, m)| (k.as_str(), t.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(sent, expected, "refused requests are never sent");
+}

@@ -376,7 +376,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
                     return Err(fail(state, Failure::new(class::RESULT_TOO_LARGE, msg)));
                 }
                 let request = mem[range].to_vec();
-                let (status, reply) = state.send(kind, &request);
+                let (status, reply) = match state.send_outbound(kind, &request) {
+                    Ok(result) => (0, result.into_bytes()),
+                    Err(failure) => (1, serde_json::to_vec(&failure).unwrap_or_default()),
+                };
                 state.reply = reply;
                 Ok(status)
             },
@@ -394,17 +397,14 @@ pub(crate) fn add_to_linker(linker: &mut Linker<State>) -> wasmtime::Result<()> 
 }
 
 impl State {
-    /// Run one outbound request for the guest: status 0 and the result JSON (`null` for all but
-    /// a call), or status 1 and an error JSON in the shape guests write with `error_write`.
-    fn send(&mut self, kind: Kind, request: &[u8]) -> (i32, Vec<u8>) {
+    /// Run one outbound request for the guest (both loaders): the result JSON (`null` for all
+    /// but a call), or the failure, logged.
+    pub(crate) fn send_outbound(&mut self, kind: Kind, request: &[u8]) -> Result<String, Failure> {
         let outcome = self
             .outbound
             .request(kind, &self.handler, &self.context, request);
         match outcome {
-            Ok(result) => {
-                let text = result.as_ref().map_or("null", |r| r.get());
-                (0, text.as_bytes().to_vec())
-            }
+            Ok(result) => Ok(result.map_or_else(|| "null".to_owned(), |r| r.get().to_owned())),
             Err(failure) => {
                 tracing::info!(
                     handler = %self.handler,
@@ -413,7 +413,7 @@ impl State {
                     error = %failure.message,
                     "outbound request failed"
                 );
-                (1, serde_json::to_vec(&failure).unwrap_or_default())
+                Err(failure)
             }
         }
     }

@@ -29,7 +29,8 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-use self::warren::handler::types::{Error as GuestError, Level};
+use self::warren::handler::types::{Error as GuestError, Level, OutboundKind};
+use super::outbound::Kind;
 
 /// The WIT package (with version) this host implements.
 pub const WIT_PACKAGE: &str = "warren:handler@1.0.0";
@@ -113,6 +114,35 @@ impl warren::handler::host::Host for State {
         match self.push_output(json.as_bytes()) {
             Ok(()) => Ok(()),
             Err(failure) => Err(abi::fail(self, failure)),
+        }
+    }
+
+    fn send(
+        &mut self,
+        kind: OutboundKind,
+        request: String,
+    ) -> wasmtime::Result<Result<String, GuestError>> {
+        let kind = match kind {
+            OutboundKind::Call => Kind::Call,
+            OutboundKind::Cast => Kind::Cast,
+            OutboundKind::FanoutCast => Kind::FanoutCast,
+            OutboundKind::Notify => Kind::Notify,
+        };
+        if request.len() > self.max_output_bytes {
+            let msg = format!(
+                "{} request exceeds the cap of {} bytes",
+                kind.as_str(),
+                self.max_output_bytes
+            );
+            return Err(abi::fail(self, Failure::new(class::RESULT_TOO_LARGE, msg)));
+        }
+        match self.send_outbound(kind, request.as_bytes()) {
+            Ok(result) => Ok(Ok(result)),
+            Err(f) => Ok(Err(GuestError {
+                class: f.class,
+                message: f.message,
+                data: f.data.map(|d| d.to_string()),
+            })),
         }
     }
 }
@@ -225,6 +255,7 @@ impl Runtime {
         args: &RawValue,
         context: Arc<[u8]>,
         limits: &super::Limits,
+        outbound: Option<Arc<dyn super::Outbound>>,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         let Code::Component(code) = &module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a component"));
@@ -233,6 +264,7 @@ impl Runtime {
             .map_err(|_| Failure::new(class::INVALID_ARGS, "context is not UTF-8"))?
             .to_owned();
         let mut sandbox = self.sandbox(module, Vec::new(), context, limits);
+        sandbox.store.data_mut().outbound.sender = outbound;
         let instance = code
             .pre
             .instantiate(&mut sandbox.store)

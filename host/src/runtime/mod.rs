@@ -385,7 +385,7 @@ impl Runtime {
             Some(Method::Component) => {
                 check_args(args)?;
                 check_args_size(args, limits)?;
-                return self.invoke_component(module, method, args, context, limits);
+                return self.invoke_component(module, method, args, context, limits, outbound);
             }
             None => return Err(no_such_method(module, method)),
         };

@@ -17,7 +17,15 @@ struct Hello;
 const METHODS: &[&str] = &["count", "echo", "fail", "whoami"];
 
 #[cfg(feature = "hostile")]
-const HOSTILE: &[&str] = &["env", "grow", "read_file", "sleep", "spin", "write_file"];
+const HOSTILE: &[&str] = &[
+    "env",
+    "grow",
+    "read_file",
+    "relay",
+    "sleep",
+    "spin",
+    "write_file",
+];
 #[cfg(not(feature = "hostile"))]
 const HOSTILE: &[&str] = &[];
 
@@ -136,6 +144,19 @@ mod hostile {
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_secs(30));
                 Ok(None)
+            }
+            // Outbound RPC: `{"kind": "call", "request": {...}}` sends `request` as it is.
+            "relay" => {
+                use crate::warren::handler::host::send;
+                use crate::warren::handler::types::OutboundKind;
+                let kind = match args.get("kind").and_then(Value::as_str) {
+                    Some("cast") => OutboundKind::Cast,
+                    Some("fanout_cast") => OutboundKind::FanoutCast,
+                    Some("notify") => OutboundKind::Notify,
+                    _ => OutboundKind::Call,
+                };
+                let request = args.get("request").cloned().unwrap_or(Value::Null);
+                send(kind, &request.to_string()).map(Some)
             }
             _ => unreachable!("only hostile methods are routed here"),
         }
