@@ -143,6 +143,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .try_collect()
             .await?;
 
+    release_freed_memory();
+
     let metrics = Arc::new(Metrics::new());
     metrics.set_prefetch(config.server.prefetch);
     let cancel = CancellationToken::new();
@@ -561,9 +563,15 @@ impl Daemon {
     pub(crate) async fn reload_handler(&self, handler: Arc<Handler>) -> Reloaded {
         let _one_at_a_time = self.reloading.lock().await;
         let (rt, cache, h) = (self.runtime.clone(), self.cache.clone(), handler.clone());
-        let outcome = tokio::task::spawn_blocking(move || h.reload(&rt, cache.as_ref()))
-            .await
-            .unwrap_or_else(|e| Reloaded::Failed(format!("reload task failed: {e}")));
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = h.reload(&rt, cache.as_ref());
+            if !matches!(outcome, Reloaded::Unchanged) {
+                release_freed_memory();
+            }
+            outcome
+        })
+        .await
+        .unwrap_or_else(|e| Reloaded::Failed(format!("reload task failed: {e}")));
         match &outcome {
             Reloaded::Unchanged => {}
             Reloaded::Swapped { id } => {
@@ -1121,5 +1129,17 @@ async fn consume_loop<S: Service + 'static>(
                 return End::Cancelled;
             }
         }
+    }
+}
+
+/// Give the heap that compiling modules used back to the system. Cranelift allocates tens of
+/// megabytes per module and frees them, but glibc keeps freed memory in its arenas, so a daemon
+/// that compiled its handlers at start-up would otherwise idle about 20 MB above one that took
+/// them from the cache.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
