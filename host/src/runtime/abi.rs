@@ -406,11 +406,15 @@ impl State {
         match outcome {
             Ok(result) => Ok(result.map_or_else(|| "null".to_owned(), |r| r.get().to_owned())),
             Err(failure) => {
+                // A remote handler's message can be as long as its result cap; the log gets a
+                // bounded prefix (the guest gets all of it).
+                let shown: String = failure.message.chars().take(512).collect();
+                let class: String = failure.class.chars().take(64).collect();
                 tracing::info!(
                     handler = %self.handler,
                     kind = kind.as_str(),
-                    class = %failure.class,
-                    error = %failure.message,
+                    %class,
+                    error = %shown,
                     "outbound request failed"
                 );
                 Err(failure)
