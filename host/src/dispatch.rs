@@ -421,7 +421,9 @@ impl Dispatcher {
         }
     }
 
-    /// Run the request's method on `module` in a sandbox, on a blocking thread.
+    /// Run the request's method on `module` in a sandbox: in this task, yielding the worker at
+    /// every epoch tick, or, for a guest granted outbound RPC (whose requests block until
+    /// answered), on a blocking thread.
     pub async fn invoke(
         &self,
         handler: &Handler,
@@ -449,57 +451,73 @@ impl Dispatcher {
         let Ok(permit) = self.invocations.clone().acquire_owned().await else {
             return Err(Failure::new(class::OVERLOADED, "daemon is shutting down"));
         };
-        let runtime = self.runtime.clone();
-        let module = module.clone();
-        let method = request.method.clone();
-        let args = request.args.clone();
-        let limits = handler.limits.clone();
-        let span = tracing::Span::current();
-        // A guest granted outbound RPC lends its permit back while it waits for a reply; any
-        // other holds it for the whole invocation.
-        let (outbound, held) = match (&self.outbound, &limits.rpc) {
-            (Some(sender), Some(_)) => {
-                let slots = self.invocations.clone();
-                let o = crate::outbound::Invocation::new(sender.clone(), slots, permit);
-                (Some(o), None)
-            }
-            _ => (None, Some(permit)),
-        };
-        let work = tokio::task::spawn_blocking(move || {
-            let _permit = held;
-            let _enter = span.enter();
-            let outbound = outbound.map(|o| Arc::new(o) as Arc<dyn crate::runtime::Outbound>);
-            runtime.invoke_with(&module, &method, &args, context, &limits, outbound)
-        });
+        let limits = &handler.limits;
         let heartbeat = request
             .heartbeat_interval()
             .zip(request.reply_routing_key())
             .zip(request.msg_id.as_deref())
             .map(|((every, key), msg_id)| (every, key, msg_id));
-        let joined = match heartbeat {
-            None => work.await,
-            Some((every, key, msg_id)) => {
-                self.with_heartbeats(work, every, key, msg_id, request.enveloped)
-                    .await
-            }
-        };
-        joined.unwrap_or_else(|e| {
-            Err(Failure::new(
-                class::INTERNAL,
-                format!("invocation task failed: {e}"),
-            ))
-        })
+        if let (Some(sender), Some(_)) = (&self.outbound, &limits.rpc) {
+            let work = self.invoke_blocking(module, request, context, limits, sender, permit);
+            return self
+                .with_heartbeats(work, heartbeat, request.enveloped)
+                .await;
+        }
+        // The hot path: no thread hop. The guest's fiber yields at every epoch tick, so even a
+        // long invocation holds this worker for one tick at a time.
+        let _permit = permit;
+        let work =
+            self.runtime
+                .invoke_async(module, &request.method, &request.args, context, limits);
+        self.with_heartbeats(work, heartbeat, request.enveloped)
+            .await
     }
 
-    /// Run `work` while sending oslo call-monitor heartbeats every `every`.
+    /// An invocation whose outbound requests block its thread while they wait: it runs on a
+    /// blocking thread and lends its permit back while it waits.
+    fn invoke_blocking(
+        &self,
+        module: &crate::runtime::Module,
+        request: &Request,
+        context: Arc<[u8]>,
+        limits: &crate::runtime::Limits,
+        sender: &Arc<crate::outbound::Sender>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> impl std::future::Future<Output = Result<Vec<Box<RawValue>>, Failure>> + use<> {
+        let runtime = self.runtime.clone();
+        let module = module.clone();
+        let method = request.method.clone();
+        let args = request.args.clone();
+        let limits = limits.clone();
+        let span = tracing::Span::current();
+        let slots = self.invocations.clone();
+        let outbound = crate::outbound::Invocation::new(sender.clone(), slots, permit);
+        let work = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let outbound = Arc::new(outbound) as Arc<dyn crate::runtime::Outbound>;
+            runtime.invoke_with(&module, &method, &args, context, &limits, Some(outbound))
+        });
+        async move {
+            work.await.unwrap_or_else(|e| {
+                Err(Failure::new(
+                    class::INTERNAL,
+                    format!("invocation task failed: {e}"),
+                ))
+            })
+        }
+    }
+
+    /// Run `work`, sending oslo call-monitor heartbeats every `every` to `key` meanwhile when
+    /// the caller asked for them.
     async fn with_heartbeats<T>(
         &self,
-        work: tokio::task::JoinHandle<T>,
-        every: Duration,
-        key: &str,
-        msg_id: &str,
+        work: impl std::future::Future<Output = T>,
+        heartbeat: Option<(Duration, &str, &str)>,
         enveloped: bool,
-    ) -> Result<T, tokio::task::JoinError> {
+    ) -> T {
+        let Some((every, key, msg_id)) = heartbeat else {
+            return work.await;
+        };
         let mut work = std::pin::pin!(work);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {

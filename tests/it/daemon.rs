@@ -221,6 +221,40 @@ fn client_timeout_returns_timeout_and_the_daemon_keeps_serving() {
     );
 }
 
+/// Guests run on the daemon's async workers and give the thread back at every epoch tick, so
+/// more spinning guests than there are worker threads must not stop other requests: the echo
+/// is answered while every spinner is still running (none has reached its time limit).
+#[test]
+fn spinning_guests_outnumbering_the_worker_threads_do_not_stall_other_requests() {
+    let topic = unique("it_yield");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let daemon = serve_wat(&server, &topic, &spin_wat(), "timeout_ms = 8000");
+    let target = any_server(&topic);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners = 2 * workers + 1;
+
+    let rpc = Rpc::connect();
+    for _ in 0..spinners {
+        rpc.cast(&target, "spin", "{}");
+    }
+    assert!(
+        eventually(SEEN, || (daemon.count_log("spinning") >= spinners)
+            .then_some(()))
+        .is_some(),
+        "{spinners} spinners did not all start:\n{}",
+        daemon.log_text()
+    );
+    let echoed = rpc.call(&target, "echo_args", r#"{"value": 7}"#, CALL);
+    assert_eq!(echoed.expect("answered"), r#"{"value": 7}"#);
+    assert_eq!(
+        daemon.count_log("cast handler failed"),
+        0,
+        "the echo waited for a spinner to time out:\n{}",
+        daemon.log_text()
+    );
+}
+
 #[test]
 fn undecodable_messages_are_rejected_logged_and_not_left_in_the_queue() {
     let topic = unique("it_garbage");

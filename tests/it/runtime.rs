@@ -178,6 +178,48 @@ fn infinite_loop_times_out_while_another_invocation_completes() {
     );
 }
 
+/// `invoke_async` runs the guest in the awaiting task and yields at every epoch tick: on a
+/// single-threaded executor a spinning guest lets another task run long before its time
+/// limit, and still times out.
+#[test]
+fn async_invocation_yields_its_thread_while_the_guest_spins() {
+    let rt = Arc::new(runtime());
+    let m = load(
+        &rt,
+        "hostile",
+        &wat(r#"(func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#),
+    );
+    let limits = Limits {
+        timeout: Duration::from_secs(3),
+        ..Limits::DEFAULT
+    };
+    let executor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("executor");
+    executor.block_on(async {
+        let spinner = tokio::spawn({
+            let (rt, m, limits) = (rt.clone(), m.clone(), limits.clone());
+            async move {
+                let args = parse_args("{}").expect("args");
+                rt.invoke_async(&m, "spin", &args, Arc::from(&b"{}"[..]), &limits)
+                    .await
+            }
+        });
+        // Spawned after the spinner, so it runs only when the spinner gives the thread back.
+        tokio::spawn(async {}).await.expect("the other task ran");
+        assert!(
+            !spinner.is_finished(),
+            "the other task ran only after the spinner ended"
+        );
+        let err = spinner
+            .await
+            .expect("spinner task")
+            .expect_err("spinning must be stopped");
+        assert_eq!(err.class, "Timeout", "{err}");
+    });
+}
+
 #[test]
 fn unbounded_memory_growth_hits_the_cap() {
     let rt = runtime();

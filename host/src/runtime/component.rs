@@ -27,6 +27,8 @@ wasmtime::component::bindgen!({
     path: "../guest-sdk/wit",
     world: "handler-world",
     imports: { default: trappable },
+    // Called on a fiber (`Runtime::invoke_async`); the host side stays synchronous.
+    exports: { default: async },
 });
 
 use self::warren::handler::types::{Error as GuestError, Level, OutboundKind};
@@ -150,7 +152,7 @@ impl warren::handler::host::Host for State {
 /// The component linker: WASI preview 2 (blocking refused) and the `warren:handler/host` imports.
 pub(super) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<State>> {
     let mut linker = Linker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     HandlerWorld::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
     // A time limit cannot interrupt a host call, so, as with preview 1's `poll_oneoff`, a
     // handler may not wait: sleeping and waiting on a clock or stream fail the invocation.
@@ -222,8 +224,8 @@ impl Runtime {
             }),
         };
         // The smoke test: instantiate once and ask for the method list.
-        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits);
-        let names = sandbox.component_methods().map_err(LoadError::Startup)?;
+        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits, false);
+        let names = super::block_on(sandbox.component_methods()).map_err(LoadError::Startup)?;
         let mut methods = BTreeMap::new();
         for method in names {
             if method.is_empty() || method.len() > 255 {
@@ -247,8 +249,9 @@ impl Runtime {
         Ok(loaded)
     }
 
-    /// Run one method of a component in a fresh sandbox (see [`Runtime::invoke`]).
-    pub(super) fn invoke_component(
+    /// Run one method of a component in a fresh sandbox (see [`Runtime::invoke_async`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn invoke_component(
         &self,
         module: &Module,
         method: &str,
@@ -256,6 +259,7 @@ impl Runtime {
         context: Arc<[u8]>,
         limits: &super::Limits,
         outbound: Option<Arc<dyn super::Outbound>>,
+        yields: bool,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         let Code::Component(code) = &module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a component"));
@@ -263,16 +267,20 @@ impl Runtime {
         let context_text = std::str::from_utf8(&context)
             .map_err(|_| Failure::new(class::INVALID_ARGS, "context is not UTF-8"))?
             .to_owned();
-        let mut sandbox = self.sandbox(module, Vec::new(), context, limits);
+        let mut sandbox = self.sandbox(module, Vec::new(), context, limits, yields);
         sandbox.store.data_mut().outbound.sender = outbound;
-        let instance = code
-            .pre
-            .instantiate(&mut sandbox.store)
-            .map_err(|e| sandbox.classify(e, "instantiation"))?;
-        let returned = instance
+        let instance = match code.pre.instantiate_async(&mut sandbox.store).await {
+            Ok(instance) => instance,
+            Err(e) => return Err(sandbox.classify(e, "instantiation")),
+        };
+        let called = instance
             .warren_handler_handler()
             .call_call(&mut sandbox.store, method, args.get(), &context_text)
-            .map_err(|e| sandbox.classify(e, "call"))?;
+            .await;
+        let returned = match called {
+            Ok(returned) => returned,
+            Err(e) => return Err(sandbox.classify(e, "call")),
+        };
         match returned {
             Ok(Some(json)) => {
                 if let Err(failure) = sandbox.store.data_mut().push_output(json.as_bytes()) {
@@ -292,18 +300,20 @@ impl Runtime {
 }
 
 impl Sandbox {
-    fn component_methods(&mut self) -> Result<Vec<String>, Failure> {
+    async fn component_methods(&mut self) -> Result<Vec<String>, Failure> {
         let Code::Component(code) = &self.module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a component"));
         };
         let pre = code.pre.clone();
-        let instance = pre
-            .instantiate(&mut self.store)
-            .map_err(|e| self.classify(e, "instantiation"))?;
-        instance
+        let instance = match pre.instantiate_async(&mut self.store).await {
+            Ok(instance) => instance,
+            Err(e) => return Err(self.classify(e, "instantiation")),
+        };
+        let methods = instance
             .warren_handler_handler()
             .call_methods(&mut self.store)
-            .map_err(|e| self.classify(e, "methods"))
+            .await;
+        methods.map_err(|e| self.classify(e, "methods"))
     }
 }
 

@@ -83,6 +83,9 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         // madvise to drop them afterwards; profiling put that at over half of a small call.
         // Instead keep touched pages resident and reset only those (found with the PAGEMAP_SCAN
         // ioctl on Linux 6.7+) by copying the image back: no faults, no madvise.
+        // An invocation runs on a fiber (so a long one can yield its thread, see
+        // `Runtime::invoke_async`); one stack per instance slot, each reused as it is.
+        .total_stacks(settings.max_instances)
         .pagemap_scan(wasmtime::Enabled::Auto)
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(64 << 10);
@@ -133,11 +136,4 @@ impl Drop for EpochTicker {
             let _ = thread.join();
         }
     }
-}
-
-/// Epoch ticks for a deadline `timeout` from now, rounded up, plus one because the current tick
-/// may be about to end.
-pub fn deadline_ticks(timeout: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos();
-    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
 }

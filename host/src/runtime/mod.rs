@@ -4,9 +4,13 @@
 //! Invariant: a `Store` never outlives one invocation. Nothing a guest does in one call (globals,
 //! memory, a trap) can be seen by the next; a trapped instance is simply dropped.
 //!
-//! [`Runtime::invoke`] is synchronous and CPU-bound: callers on an async runtime run it on a
-//! blocking thread. Its wall time is bounded by epoch interruption driven from a dedicated OS
-//! thread ([`engine::EpochTicker`]), so a guest spinning forever cannot stall anything else.
+//! Every invocation runs on a fiber. [`Runtime::invoke_async`] is for async callers: the guest
+//! runs inside the caller's task and yields its thread at every epoch tick, so a small call
+//! costs no thread hop and a long one cannot hold a worker. [`Runtime::invoke`] and
+//! [`Runtime::invoke_with`] drive the same future on the calling thread, for synchronous callers
+//! and for guests whose outbound RPC blocks. Wall time is bounded by epoch interruption driven
+//! from a dedicated OS thread ([`engine::EpochTicker`]), so a guest spinning forever cannot
+//! stall anything else.
 
 mod abi;
 mod cache;
@@ -17,12 +21,12 @@ pub mod outbound;
 mod stdio;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use wasmtime::{Engine, Extern, InstancePre, Linker, ModuleExport, Store, Trap};
+use wasmtime::{Engine, Extern, InstancePre, Linker, ModuleExport, Store, Trap, UpdateDeadline};
 
 pub use abi::{ABI_VERSION, IMPORT_MODULE};
 use abi::{Limiter, State};
@@ -220,7 +224,7 @@ impl Runtime {
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
         let (engine, allocator) = engine::build_engine(settings)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, State::wasi)
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, State::wasi)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
         abi::forbid_blocking(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link the ABI: {e}"))?;
@@ -342,11 +346,12 @@ impl Runtime {
                 sha256,
             }),
         };
-        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits);
-        let version = sandbox
-            .start()
-            .and_then(|instance| sandbox.call_i32(&instance, &marker))
-            .map_err(LoadError::Startup)?;
+        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits, false);
+        let version = block_on(async {
+            let instance = sandbox.start().await?;
+            sandbox.call_i32(&instance, &marker).await
+        })
+        .map_err(LoadError::Startup)?;
         if version != abi::ABI_VERSION {
             return Err(LoadError::AbiVersion {
                 found: version,
@@ -370,7 +375,8 @@ impl Runtime {
     }
 
     /// [`Runtime::invoke`], with `outbound` sending the guest's outbound RPC (which
-    /// `limits.rpc` grants); without it, outbound requests fail with `Unavailable`.
+    /// `limits.rpc` grants); without it, outbound requests fail with `Unavailable`. Blocks the
+    /// calling thread for the whole invocation, outbound requests included.
     pub fn invoke_with(
         &self,
         module: &Module,
@@ -380,21 +386,61 @@ impl Runtime {
         limits: &Limits,
         outbound: Option<Arc<dyn Outbound>>,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
+        block_on(self.run(module, method, args, context, limits, outbound, false))
+    }
+
+    /// [`Runtime::invoke`] for async callers: the guest runs in the awaiting task and yields
+    /// the thread at every epoch tick ([`engine::EPOCH_TICK`]), so it may run on an executor's
+    /// worker however long it takes. Outbound RPC is not available here (it blocks; use
+    /// [`Runtime::invoke_with`] on a blocking thread): such requests fail with `Unavailable`.
+    pub async fn invoke_async(
+        &self,
+        module: &Module,
+        method: &str,
+        args: &RawValue,
+        context: Arc<[u8]>,
+        limits: &Limits,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
+        self.run(module, method, args, context, limits, None, true)
+            .await
+    }
+
+    /// One invocation; `yields` says whether the guest gives its thread back at each epoch
+    /// tick (an async caller) or keeps it (a caller blocking on the future).
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &self,
+        module: &Module,
+        method: &str,
+        args: &RawValue,
+        context: Arc<[u8]>,
+        limits: &Limits,
+        outbound: Option<Arc<dyn Outbound>>,
+        yields: bool,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
         let export = match module.inner.methods.get(method) {
             Some(Method::Core(export)) => export,
             Some(Method::Component) => {
                 check_args(args)?;
                 check_args_size(args, limits)?;
-                return self.invoke_component(module, method, args, context, limits, outbound);
+                return self
+                    .invoke_component(module, method, args, context, limits, outbound, yields)
+                    .await;
             }
             None => return Err(no_such_method(module, method)),
         };
         check_args(args)?;
         check_args_size(args, limits)?;
-        let mut sandbox = self.sandbox(module, args.get().as_bytes().to_vec(), context, limits);
+        let mut sandbox = self.sandbox(
+            module,
+            args.get().as_bytes().to_vec(),
+            context,
+            limits,
+            yields,
+        );
         sandbox.store.data_mut().outbound.sender = outbound;
-        let instance = sandbox.start()?;
-        let status = sandbox.call_i32(&instance, export)?;
+        let instance = sandbox.start().await?;
+        let status = sandbox.call_i32(&instance, export).await?;
         sandbox.finish(status)
     }
 
@@ -404,6 +450,7 @@ impl Runtime {
         input: Vec<u8>,
         context: Arc<[u8]>,
         limits: &Limits,
+        yields: bool,
     ) -> Sandbox {
         let state = State {
             wasi: None,
@@ -440,8 +487,19 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(engine::deadline_ticks(limits.timeout));
-        store.epoch_deadline_trap();
+        // Called at every epoch tick: past the deadline the guest traps (`Trap::Interrupt`,
+        // reported as `Timeout`); before it, an async caller's guest yields its thread.
+        let deadline = Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else if yields {
+                UpdateDeadline::Yield(1)
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
         Sandbox {
             store,
             module: module.clone(),
@@ -460,20 +518,23 @@ struct Sandbox {
 }
 
 impl Sandbox {
-    fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
+    async fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
         let Code::Core { pre, initialize } = &self.module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a core module"));
         };
         let initialize = *initialize;
-        let instance = pre
-            .instantiate(&mut self.store)
-            .map_err(|e| self.classify(e, "instantiation"))?;
+        let instance = match pre.instantiate_async(&mut self.store).await {
+            Ok(instance) => instance,
+            Err(e) => return Err(self.classify(e, "instantiation")),
+        };
         if let Some(init) = initialize {
             let func = self.func(&instance, &init)?;
             match func.typed::<(), ()>(&self.store) {
-                Ok(f) => f
-                    .call(&mut self.store, ())
-                    .map_err(|e| self.classify(e, "_initialize"))?,
+                Ok(f) => {
+                    if let Err(e) = f.call_async(&mut self.store, ()).await {
+                        return Err(self.classify(e, "_initialize"));
+                    }
+                }
                 Err(_) => {
                     return Err(Failure::new(
                         class::GUEST_ERROR,
@@ -499,7 +560,7 @@ impl Sandbox {
         }
     }
 
-    fn call_i32(
+    async fn call_i32(
         &mut self,
         instance: &wasmtime::Instance,
         export: &ModuleExport,
@@ -508,9 +569,10 @@ impl Sandbox {
         let typed = func
             .typed::<(), i32>(&self.store)
             .map_err(|e| Failure::new(class::INTERNAL, format!("{e}")))?;
-        typed
-            .call(&mut self.store, ())
-            .map_err(|e| self.classify(e, "call"))
+        match typed.call_async(&mut self.store, ()).await {
+            Ok(status) => Ok(status),
+            Err(e) => Err(self.classify(e, "call")),
+        }
     }
 
     fn finish(mut self, status: i32) -> Result<Vec<Box<RawValue>>, Failure> {
@@ -602,6 +664,43 @@ impl Sandbox {
             String::new()
         }
     }
+}
+
+/// Run an invocation's future to completion on this thread, for synchronous callers. WASI's file
+/// operations run on tokio's blocking pool, so outside a tokio runtime one is provided.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let _entered = match tokio::runtime::Handle::try_current() {
+        Ok(_) => None,
+        Err(_) => fallback_runtime().map(tokio::runtime::Runtime::enter),
+    };
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
+/// The runtime [`block_on`] enters when its caller has none: only its blocking pool is used.
+fn fallback_runtime() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .thread_name("warren-wasi")
+                .build()
+                .ok()
+        })
+        .as_ref()
 }
 
 fn null() -> Box<RawValue> {
