@@ -189,16 +189,17 @@ impl Dispatcher {
 
     /// Handle one delivery from a queue of `handler` and settle it (ack or reject). Never
     /// panics and never returns an error: every outcome is logged here.
-    pub async fn handle<S: Service>(&self, service: &S, queue: &str, delivery: &Delivery) {
+    pub async fn handle<S: Service>(&self, service: &S, delivery: &Delivery) {
         let tag = delivery.tag();
-        let span = tracing::info_span!("delivery", topic = %service.topic(), queue, tag,
+        // Every line logged for this delivery carries these. Each field costs formatting on
+        // every message, logged or not, so only what identifies the request is here; how it
+        // was settled is in the lines that report it.
+        let span = tracing::info_span!("delivery", topic = %service.topic(), tag,
             method = tracing::field::Empty, msg_id = tracing::field::Empty,
-            unique_id = tracing::field::Empty, version = tracing::field::Empty,
-            outcome = tracing::field::Empty);
+            unique_id = tracing::field::Empty, version = tracing::field::Empty);
         let _held = self.metrics.holding(service.topic());
         async {
             let settle = self.process(service, delivery).await;
-            tracing::Span::current().record("outcome", settle.as_str());
             let settled = settle_delivery(delivery, &settle).await;
             if !settled {
                 self.metrics.stale_settle();

@@ -1080,7 +1080,7 @@ async fn consume_loop<S: Service + 'static>(
         tag,
         mut consumer,
     } = intake;
-    let queue = consumer.queue().to_owned();
+    let queue: Arc<str> = consumer.queue().into();
     loop {
         let next = tokio::select! {
             _ = lost.cancelled() => return End::Failed,
@@ -1101,11 +1101,10 @@ async fn consume_loop<S: Service + 'static>(
                 let task = async move {
                     // `handle` settles every delivery itself; a panic would skip that and pin a
                     // prefetch slot until the channel closes, so it is caught and rejected here.
-                    let handled = std::panic::AssertUnwindSafe(
-                        dispatcher.handle(&*service, &queue, &delivery),
-                    )
-                    .catch_unwind()
-                    .await;
+                    let handled =
+                        std::panic::AssertUnwindSafe(dispatcher.handle(&*service, &delivery))
+                            .catch_unwind()
+                            .await;
                     if handled.is_err() {
                         error!(%queue, tag = delivery.tag(), "delivery handling panicked; message rejected");
                         let _ = delivery.reject(false).await;
