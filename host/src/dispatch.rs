@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -470,8 +471,16 @@ impl Dispatcher {
         let work =
             self.runtime
                 .invoke_async(module, &request.method, &request.args, context, limits);
-        self.with_heartbeats(work, heartbeat, request.enveloped)
+        // A panic in the runtime fails this request with a reply, as a crashed blocking task
+        // would, rather than unwinding through the delivery.
+        let work = std::panic::AssertUnwindSafe(work).catch_unwind();
+        match self
+            .with_heartbeats(work, heartbeat, request.enveloped)
             .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Failure::new(class::INTERNAL, "invocation panicked")),
+        }
     }
 
     /// An invocation whose outbound requests block its thread while they wait: it runs on a
