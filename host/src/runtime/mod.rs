@@ -452,6 +452,8 @@ impl Runtime {
         limits: &Limits,
         yields: bool,
     ) -> Sandbox {
+        // One deadline for the guest's code and its outbound requests' waits.
+        let deadline = Instant::now() + limits.timeout;
         let state = State {
             wasi: None,
             max_stdio_bytes: limits.max_stdio_bytes,
@@ -480,7 +482,7 @@ impl Runtime {
             outbound: outbound::Session {
                 grants: limits.rpc.clone(),
                 sender: None,
-                deadline: std::time::Instant::now() + limits.timeout,
+                deadline,
                 sent: 0,
             },
             reply: Vec::new(),
@@ -489,7 +491,6 @@ impl Runtime {
         store.limiter(|s| &mut s.limiter);
         // Called at every epoch tick: past the deadline the guest traps (`Trap::Interrupt`,
         // reported as `Timeout`); before it, an async caller's guest yields its thread.
-        let deadline = Instant::now() + limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline {
