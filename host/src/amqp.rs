@@ -3,12 +3,15 @@
 //!
 //! Invariant: no other module imports lapin.
 
+mod acks;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::Confirmation;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
@@ -135,7 +138,10 @@ impl Connection {
             .create_channel()
             .await
             .map_err(ctx("cannot open channel"))?;
-        Ok(Channel { inner })
+        Ok(Channel {
+            inner,
+            acks: Arc::default(),
+        })
     }
 
     /// Whether the connection is usable.
@@ -226,6 +232,8 @@ pub enum Kind {
 #[derive(Clone)]
 pub struct Channel {
     inner: lapin::Channel,
+    /// Acks of the deliveries of every consumer on this channel (tags are per channel).
+    acks: Arc<acks::Acks>,
 }
 
 impl Channel {
@@ -313,7 +321,9 @@ impl Channel {
         self.inner
             .basic_qos(count, BasicQosOptions { global: false })
             .await
-            .map_err(ctx("cannot set prefetch"))
+            .map_err(ctx("cannot set prefetch"))?;
+        self.acks.set_prefetch(count);
+        Ok(())
     }
 
     /// Start consuming `queue` with manual acks.
@@ -331,6 +341,7 @@ impl Channel {
         Ok(Consumer {
             inner,
             queue: queue.to_owned(),
+            acks: self.acks.clone(),
         })
     }
 
@@ -368,6 +379,7 @@ impl Channel {
 pub struct Consumer {
     inner: lapin::Consumer,
     queue: String,
+    acks: Arc<acks::Acks>,
 }
 
 impl Consumer {
@@ -379,8 +391,11 @@ impl Consumer {
     /// The next delivery; `None` when the consumer ended.
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
         self.inner.next().await.map(|r| {
-            r.map(|inner| Delivery { inner })
-                .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
+            r.map(|inner| Delivery {
+                inner,
+                acks: self.acks.clone(),
+            })
+            .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
         })
     }
 }
@@ -389,6 +404,7 @@ impl Consumer {
 /// [`Delivery::reject`]; an abandoned delivery stays unacked until its channel closes.
 pub struct Delivery {
     inner: lapin::message::Delivery,
+    acks: Arc<acks::Acks>,
 }
 
 impl Delivery {
@@ -447,12 +463,13 @@ impl Delivery {
         self.inner.exchange.as_str()
     }
 
-    /// Acknowledge. `Ok(false)` means the ack could not be sent because the channel it came on
-    /// is gone; the broker will redeliver it, so it must not be counted as done.
+    /// Acknowledge, possibly in one frame with other deliveries of the channel (see
+    /// `amqp/acks.rs`); returns once the frame is sent. `Ok(false)` means the ack could not be
+    /// sent because the channel it came on is gone; the broker will redeliver it, so it must
+    /// not be counted as done.
     pub async fn ack(&self) -> Result<bool, AmqpError> {
-        self.inner
-            .acker
-            .ack(BasicAckOptions::default())
+        self.acks
+            .ack(self.inner.delivery_tag, &self.inner.acker)
             .await
             .map_err(ctx("cannot ack"))
     }
@@ -460,11 +477,14 @@ impl Delivery {
     /// Reject; with `requeue = false` the broker dead-letters it (or drops it where the queue has
     /// no dead-letter exchange).
     pub async fn reject(&self, requeue: bool) -> Result<bool, AmqpError> {
-        self.inner
+        let rejected = self
+            .inner
             .acker
             .reject(BasicRejectOptions { requeue })
-            .await
-            .map_err(ctx("cannot reject"))
+            .await;
+        // Only now, with the reject written, may an ack frame cover this tag.
+        self.acks.settled(self.inner.delivery_tag).await;
+        rejected.map_err(ctx("cannot reject"))
     }
 }
 

@@ -1,0 +1,292 @@
+//! Ack coalescing: one `basic.ack(multiple)` frame for a run of finished deliveries instead of
+//! one frame each.
+//!
+//! Every ack costs a trip through lapin's I/O loop on our side and a frame to process on the
+//! broker's; profiling a cast flood put the ack path at about a sixth of the daemon's CPU, and
+//! the broker's per-frame work at more. RabbitMQ's guidance is to ack in batches with
+//! `multiple`, which covers *every* unacked delivery up to a tag on the channel. Deliveries finish
+//! out of order, so a batch may only cover tags whose deliveries are all settled.
+//!
+//! A channel's delivery tags are 1, 2, 3, … in the order the broker sent them, whichever of the
+//! channel's consumers they went to. So "every tag up to `through` is settled" is exact without
+//! registering deliveries as they arrive: a tag not yet seen, still being handled, or abandoned
+//! (its `Delivery` dropped unsettled) is simply not settled, and stops the run there.
+//!
+//! A finished delivery waits for its ack until either enough of the run is ready (a quarter of
+//! the prefetch, so the broker never runs out of window while acks wait) or [`LINGER`] passes;
+//! then whoever noticed sends the run in one frame. A delivery still held back by an unsettled
+//! tag below it when its linger ends (a slow invocation, a gap that never fills) is acked on its
+//! own, so one straggler delays its neighbours' acks by at most `LINGER` and never stalls the
+//! consumer. `ack` returns once the frame carrying the delivery is sent, so callers still know
+//! whether the broker got it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::Acker;
+use lapin::options::BasicAckOptions;
+use tokio::sync::oneshot;
+
+/// How long a finished delivery's ack may wait to share a frame. Replies are sent before the
+/// ack, so this delays only the broker's bookkeeping (and a redelivery after a crash inside
+/// the window, which `_unique_id` deduplication absorbs like any other).
+pub(crate) const LINGER: Duration = Duration::from_millis(2);
+
+/// The most acks one frame is made to wait for.
+const MAX_BATCH: usize = 32;
+
+type Sent = Result<bool, lapin::Error>;
+
+/// One channel's acks. Shared by its consumers' deliveries.
+#[derive(Default)]
+pub(crate) struct Acks {
+    state: Mutex<State<Waiting>>,
+    /// Ready acks that trigger a frame at once; see [`Acks::set_prefetch`].
+    batch: AtomicUsize,
+}
+
+struct State<W> {
+    /// Every tag up to here is acked or rejected (or being, in the frame in flight).
+    through: u64,
+    /// Tags above `through` settled on their own (rejected, or acked alone after lingering).
+    /// Bounded by the channel's unacked deliveries, which the prefetch bounds.
+    settled: BTreeSet<u64>,
+    /// Deliveries waiting for their ack to be sent. Bounded like `settled`.
+    ready: BTreeMap<u64, W>,
+    /// A task is sending a frame; others leave the flushing to it.
+    flushing: bool,
+}
+
+impl<W> Default for State<W> {
+    fn default() -> Self {
+        Self {
+            through: 0,
+            settled: BTreeSet::new(),
+            ready: BTreeMap::new(),
+            flushing: false,
+        }
+    }
+}
+
+struct Waiting {
+    acker: Acker,
+    sent: oneshot::Sender<Sent>,
+}
+
+impl<W> State<W> {
+    /// Ready acks in the run of settled-or-ready tags just above `through`, counting at most
+    /// `enough` of them.
+    fn run_ready(&self, enough: usize) -> usize {
+        let mut ready = 0;
+        let mut tag = self.through + 1;
+        loop {
+            if self.ready.contains_key(&tag) {
+                ready += 1;
+                if ready >= enough {
+                    return ready;
+                }
+            } else if !self.settled.contains(&tag) {
+                return ready;
+            }
+            tag += 1;
+        }
+    }
+
+    /// Take the run just above `through`: advance `through` over it and return its ready acks,
+    /// highest tag last.
+    fn take_run(&mut self) -> Vec<(u64, W)> {
+        let mut taken = Vec::new();
+        loop {
+            let tag = self.through + 1;
+            if let Some(waiting) = self.ready.remove(&tag) {
+                taken.push((tag, waiting));
+            } else if !self.settled.remove(&tag) {
+                return taken;
+            }
+            self.through = tag;
+        }
+    }
+}
+
+impl Acks {
+    /// Size batches for a consumer prefetch of `prefetch` (0: unlimited).
+    pub(crate) fn set_prefetch(&self, prefetch: u16) {
+        let batch = match usize::from(prefetch) {
+            0 => MAX_BATCH,
+            p => (p / 4).clamp(1, MAX_BATCH),
+        };
+        self.batch.store(batch, Ordering::Relaxed);
+    }
+
+    fn batch(&self) -> usize {
+        self.batch.load(Ordering::Relaxed).max(1)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<Waiting>> {
+        // The state is consistent between statements; a panic elsewhere cannot tear it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Acknowledge delivery `tag` (whose own acker is `acker`); returns once a frame covering it
+    /// was sent, with that frame's result.
+    pub(crate) async fn ack(&self, tag: u64, acker: &Acker) -> Sent {
+        let (sent, mut done) = oneshot::channel();
+        let lead = {
+            let mut state = self.lock();
+            state.ready.insert(
+                tag,
+                Waiting {
+                    acker: acker.clone(),
+                    sent,
+                },
+            );
+            let lead = !state.flushing && state.run_ready(self.batch()) >= self.batch();
+            state.flushing |= lead;
+            lead
+        };
+        if lead {
+            self.flush().await;
+        }
+        loop {
+            match tokio::time::timeout(LINGER, &mut done).await {
+                Ok(Ok(sent)) => return sent,
+                // Only `flush` takes the sender, and it always sends.
+                Ok(Err(_)) => return Ok(false),
+                Err(_lingered) => {}
+            }
+            let lead = {
+                let mut state = self.lock();
+                let lead = !state.flushing;
+                state.flushing = true;
+                lead
+            };
+            if !lead {
+                continue;
+            }
+            self.flush().await;
+            let alone = self.lock().ready.remove(&tag);
+            if let Some(waiting) = alone {
+                // Still held back by an unsettled tag below: ack this one alone.
+                let sent = waiting.acker.ack(BasicAckOptions::default()).await;
+                self.settled(tag).await;
+                return sent;
+            }
+        }
+    }
+
+    /// Record that `tag` was settled outside a batch (rejected, or acked alone), so that runs
+    /// can pass over it; send the run if that makes one big enough.
+    pub(crate) async fn settled(&self, tag: u64) {
+        let lead = {
+            let mut state = self.lock();
+            if tag > state.through {
+                state.settled.insert(tag);
+            }
+            let lead = !state.flushing && state.run_ready(self.batch()) >= self.batch();
+            state.flushing |= lead;
+            lead
+        };
+        if lead {
+            self.flush().await;
+        }
+    }
+
+    /// Send the ready run, then any run that grew big enough meanwhile. The caller has set
+    /// `flushing`; this clears it.
+    async fn flush(&self) {
+        let mut first = true;
+        loop {
+            let run = {
+                let mut state = self.lock();
+                if !first && state.run_ready(self.batch()) < self.batch() {
+                    state.flushing = false;
+                    return;
+                }
+                let run = state.take_run();
+                if run.is_empty() {
+                    state.flushing = false;
+                    return;
+                }
+                run
+            };
+            first = false;
+            let Some((_, top)) = run.last() else {
+                continue;
+            };
+            let sent = top
+                .acker
+                .ack(BasicAckOptions {
+                    multiple: run.len() > 1,
+                })
+                .await;
+            for (_, waiting) in run {
+                let _ = waiting.sent.send(sent.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(through: u64, settled: &[u64], ready: &[u64]) -> State<()> {
+        State {
+            through,
+            settled: settled.iter().copied().collect(),
+            ready: ready.iter().map(|&t| (t, ())).collect(),
+            flushing: false,
+        }
+    }
+
+    #[test]
+    fn a_run_stops_at_the_first_unsettled_tag() {
+        let mut s = state(0, &[2], &[1, 3, 5, 6]);
+        assert_eq!(s.run_ready(10), 2);
+        let run: Vec<u64> = s.take_run().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(run, [1, 3]);
+        assert_eq!(s.through, 3);
+        assert!(s.settled.is_empty());
+        assert_eq!(s.ready.keys().copied().collect::<Vec<_>>(), [5, 6]);
+        // 4 is still out: nothing more is taken, however much waits above it.
+        assert!(s.take_run().is_empty());
+        assert_eq!(s.through, 3);
+    }
+
+    #[test]
+    fn settled_tags_alone_advance_the_floor_without_a_frame() {
+        let mut s = state(7, &[8, 9], &[]);
+        assert_eq!(s.run_ready(10), 0);
+        assert!(s.take_run().is_empty());
+        assert_eq!(s.through, 9);
+        assert!(s.settled.is_empty());
+    }
+
+    #[test]
+    fn run_ready_stops_counting_at_enough() {
+        let s = state(0, &[], &[1, 2, 3, 4, 5]);
+        assert_eq!(s.run_ready(3), 3);
+        assert_eq!(s.run_ready(9), 5);
+    }
+
+    #[test]
+    fn batches_follow_the_prefetch() {
+        let acks = Acks::default();
+        assert_eq!(acks.batch(), 1, "before a prefetch is set, nothing waits");
+        for (prefetch, batch) in [
+            (1, 1),
+            (4, 1),
+            (8, 2),
+            (64, 16),
+            (1000, MAX_BATCH),
+            (0, MAX_BATCH),
+        ] {
+            acks.set_prefetch(prefetch);
+            assert_eq!(acks.batch(), batch, "prefetch {prefetch}");
+        }
+    }
+}
