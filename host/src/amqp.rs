@@ -391,9 +391,12 @@ impl Consumer {
     /// The next delivery; `None` when the consumer ended.
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
         self.inner.next().await.map(|r| {
-            r.map(|inner| Delivery {
-                inner,
-                acks: self.acks.clone(),
+            r.map(|inner| {
+                self.acks.seen(inner.delivery_tag);
+                Delivery {
+                    inner,
+                    acks: self.acks.clone(),
+                }
             })
             .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
         })

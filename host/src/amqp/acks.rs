@@ -12,9 +12,10 @@
 //! registering deliveries as they arrive: a tag not yet seen, still being handled, or abandoned
 //! (its `Delivery` dropped unsettled) is simply not settled, and stops the run there.
 //!
-//! A finished delivery waits for its ack until either enough of the run is ready (a quarter of
-//! the prefetch, so the broker never runs out of window while acks wait) or [`LINGER`] passes;
-//! then whoever noticed sends the run in one frame. A delivery still held back by an unsettled
+//! A finished delivery's ack goes out at once when the run reaches the last tag delivered so
+//! far (nothing in flight could join it: one call at a time pays no delay). Otherwise it waits
+//! until enough of the run is ready (a quarter of the prefetch, so the broker never runs out of
+//! window while acks wait) or [`LINGER`] passes; then whoever noticed sends the run in one frame. A delivery still held back by an unsettled
 //! tag below it when its linger ends (a slow invocation, a gap that never fills) is acked on its
 //! own, so one straggler delays its neighbours' acks by at most `LINGER` and never stalls the
 //! consumer. `ack` returns once the frame carrying the delivery is sent, so callers still know
@@ -22,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::Acker;
@@ -45,6 +46,8 @@ pub(crate) struct Acks {
     state: Mutex<State<Waiting>>,
     /// Ready acks that trigger a frame at once; see [`Acks::set_prefetch`].
     batch: AtomicUsize,
+    /// The highest tag handed to a consumer loop so far.
+    seen: AtomicU64,
 }
 
 struct State<W> {
@@ -76,22 +79,27 @@ struct Waiting {
 }
 
 impl<W> State<W> {
-    /// Ready acks in the run of settled-or-ready tags just above `through`, counting at most
-    /// `enough` of them.
-    fn run_ready(&self, enough: usize) -> usize {
+    /// The run of settled-or-ready tags just above `through`: how many of them are ready acks,
+    /// and its last tag (`through` when the run is empty).
+    fn run(&self) -> (usize, u64) {
         let mut ready = 0;
         let mut tag = self.through + 1;
         loop {
             if self.ready.contains_key(&tag) {
                 ready += 1;
-                if ready >= enough {
-                    return ready;
-                }
             } else if !self.settled.contains(&tag) {
-                return ready;
+                return (ready, tag - 1);
             }
             tag += 1;
         }
+    }
+
+    /// Whether the ready run should be sent now: it is big enough, or it reaches the last tag
+    /// delivered (`seen`), so nothing that could join it is in flight and waiting would only
+    /// delay the ack (a lone call at a time must not pay the linger).
+    fn due(&self, batch: usize, seen: u64) -> bool {
+        let (ready, last) = self.run();
+        ready >= batch || (ready > 0 && last >= seen)
     }
 
     /// Take the run just above `through`: advance `through` over it and return its ready acks,
@@ -120,6 +128,15 @@ impl Acks {
         self.batch.store(batch, Ordering::Relaxed);
     }
 
+    /// Record that delivery `tag` was handed out: until it settles, later acks may wait for it.
+    pub(crate) fn seen(&self, tag: u64) {
+        self.seen.fetch_max(tag, Ordering::Relaxed);
+    }
+
+    fn due(&self, state: &State<Waiting>) -> bool {
+        !state.flushing && state.due(self.batch(), self.seen.load(Ordering::Relaxed))
+    }
+
     fn batch(&self) -> usize {
         self.batch.load(Ordering::Relaxed).max(1)
     }
@@ -144,7 +161,7 @@ impl Acks {
                     sent,
                 },
             );
-            let lead = !state.flushing && state.run_ready(self.batch()) >= self.batch();
+            let lead = self.due(&state);
             state.flushing |= lead;
             lead
         };
@@ -186,7 +203,7 @@ impl Acks {
             if tag > state.through {
                 state.settled.insert(tag);
             }
-            let lead = !state.flushing && state.run_ready(self.batch()) >= self.batch();
+            let lead = self.due(&state);
             state.flushing |= lead;
             lead
         };
@@ -202,7 +219,7 @@ impl Acks {
         loop {
             let run = {
                 let mut state = self.lock();
-                if !first && state.run_ready(self.batch()) < self.batch() {
+                if !first && !self.due(&state) {
                     state.flushing = false;
                     return;
                 }
@@ -246,7 +263,7 @@ mod tests {
     #[test]
     fn a_run_stops_at_the_first_unsettled_tag() {
         let mut s = state(0, &[2], &[1, 3, 5, 6]);
-        assert_eq!(s.run_ready(10), 2);
+        assert_eq!(s.run(), (2, 3));
         let run: Vec<u64> = s.take_run().into_iter().map(|(t, _)| t).collect();
         assert_eq!(run, [1, 3]);
         assert_eq!(s.through, 3);
@@ -260,17 +277,24 @@ mod tests {
     #[test]
     fn settled_tags_alone_advance_the_floor_without_a_frame() {
         let mut s = state(7, &[8, 9], &[]);
-        assert_eq!(s.run_ready(10), 0);
+        assert_eq!(s.run(), (0, 9));
         assert!(s.take_run().is_empty());
         assert_eq!(s.through, 9);
         assert!(s.settled.is_empty());
     }
 
     #[test]
-    fn run_ready_stops_counting_at_enough() {
+    fn a_run_is_due_when_big_enough_or_when_nothing_delivered_is_left_out() {
         let s = state(0, &[], &[1, 2, 3, 4, 5]);
-        assert_eq!(s.run_ready(3), 3);
-        assert_eq!(s.run_ready(9), 5);
+        assert!(s.due(3, 100), "five ready, three make a batch");
+        assert!(!s.due(16, 100), "others are in flight: wait for more");
+        assert!(s.due(16, 5), "everything delivered is in the run");
+        let gap = state(0, &[], &[2]);
+        assert!(!gap.due(1, 2), "1 is not settled: nothing to send");
+        assert!(
+            !state(3, &[4], &[]).due(1, 4),
+            "settled alone needs no frame"
+        );
     }
 
     #[test]
