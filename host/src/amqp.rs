@@ -396,6 +396,7 @@ impl Consumer {
                 Delivery {
                     inner,
                     acks: self.acks.clone(),
+                    settled: std::sync::atomic::AtomicBool::new(false),
                 }
             })
             .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
@@ -408,6 +409,10 @@ impl Consumer {
 pub struct Delivery {
     inner: lapin::message::Delivery,
     acks: Arc<acks::Acks>,
+    /// Set by the first ack or reject. A frame covering this tag may have gone out through
+    /// another delivery's acker, so lapin's own single-use check no longer guards a second
+    /// settle, which the broker would answer by closing the channel.
+    settled: std::sync::atomic::AtomicBool,
 }
 
 impl Delivery {
@@ -471,6 +476,12 @@ impl Delivery {
     /// sent because the channel it came on is gone; the broker will redeliver it, so it must
     /// not be counted as done.
     pub async fn ack(&self) -> Result<bool, AmqpError> {
+        if self
+            .settled
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
         self.acks
             .ack(self.inner.delivery_tag, &self.inner.acker)
             .await
@@ -480,13 +491,22 @@ impl Delivery {
     /// Reject; with `requeue = false` the broker dead-letters it (or drops it where the queue has
     /// no dead-letter exchange).
     pub async fn reject(&self, requeue: bool) -> Result<bool, AmqpError> {
+        if self
+            .settled
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
         let rejected = self
             .inner
             .acker
             .reject(BasicRejectOptions { requeue })
             .await;
-        // Only now, with the reject written, may an ack frame cover this tag.
-        self.acks.settled(self.inner.delivery_tag).await;
+        // Only now, with the reject written, may an ack frame cover this tag; a reject that
+        // failed leaves it uncovered (the broker redelivers it when the channel goes).
+        if matches!(rejected, Ok(true)) {
+            self.acks.settled(self.inner.delivery_tag).await;
+        }
         rejected.map_err(ctx("cannot reject"))
     }
 }

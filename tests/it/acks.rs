@@ -113,8 +113,22 @@ fn every_ack_of_a_burst_reaches_the_broker() {
     });
 }
 
+/// Ack `deliveries` concurrently; each must report its frame sent.
+async fn ack_all(deliveries: Vec<Delivery>) {
+    let acks = deliveries.into_iter().map(|delivery| {
+        tokio::spawn(async move {
+            let acked = delivery.ack().await;
+            (body(&delivery), acked)
+        })
+    });
+    for ack in futures_util::future::join_all(acks).await {
+        let (text, acked) = ack.expect("ack task");
+        assert!(matches!(acked, Ok(true)), "ack of {text} sent: {acked:?}");
+    }
+}
+
 #[test]
-fn acks_never_cover_a_delivery_still_being_handled_or_abandoned() {
+fn acks_never_cover_a_delivery_still_being_handled_rejected_or_abandoned() {
     let rt = tokio::runtime::Runtime::new().expect("tokio");
     rt.block_on(async {
         let (conn, queue) = queue_with(&numbered(40)).await;
@@ -123,36 +137,32 @@ fn acks_never_cover_a_delivery_still_being_handled_or_abandoned() {
         for _ in 0..40 {
             deliveries.push(next(&mut consumer).await);
         }
-        // 0 and 25 are still being handled; 30 is dropped unsettled; 10 is rejected (dropped by
-        // the broker: the queue has no dead-letter exchange). Everything else is acked, in
-        // reverse order, so no run above 0 is ever complete and each ack must go out on its own
-        // after lingering, or in a frame that stops below the first unsettled tag.
-        let held: Vec<Delivery> = [25, 0].into_iter().map(|i| deliveries.remove(i)).collect();
-        let abandoned = deliveries.remove(30 - 2);
+        let mut rest = deliveries.split_off(20);
+        // 0..19 first: the floor moves up through frames covering runs of them.
+        ack_all(deliveries).await;
+        // Above it: 30 is still being handled, 35 is dropped unsettled, and 25 is rejected
+        // with requeue (the broker puts it back at once; it is left in the consumer's buffer,
+        // not pulled). Everything else is acked in reverse, so the frames that cover the
+        // rest must stop below each of them.
+        let abandoned = rest.remove(15);
+        assert_eq!(body(&abandoned), "35");
         drop(abandoned);
-        let rejected = deliveries.remove(10 - 1);
-        assert_eq!(body(&rejected), "10");
-        assert!(matches!(rejected.reject(false).await, Ok(true)));
-        let acks = deliveries.into_iter().rev().map(|delivery| {
-            tokio::spawn(async move {
-                let acked = delivery.ack().await;
-                (body(&delivery), acked)
-            })
-        });
-        for ack in futures_util::future::join_all(acks).await {
-            let (text, acked) = ack.expect("ack task");
-            assert!(matches!(acked, Ok(true)), "ack of {text} sent: {acked:?}");
-        }
-        assert_eq!(
-            held.iter().map(body).collect::<Vec<_>>(),
-            ["25", "0"],
-            "the held deliveries"
+        let held = rest.remove(10);
+        assert_eq!(body(&held), "30");
+        let rejected = rest.remove(5);
+        assert_eq!(body(&rejected), "25");
+        assert!(matches!(rejected.reject(true).await, Ok(true)));
+        assert!(
+            matches!(rejected.ack().await, Ok(false)),
+            "a settled delivery is not settled again"
         );
+        rest.reverse();
+        ack_all(rest).await;
         let mut again = redelivered_after_close(&conn, &queue, channel).await;
         again.sort_by_key(|s| s.parse::<u32>().unwrap_or(u32::MAX));
         assert_eq!(
             again,
-            ["0", "25", "30"],
+            ["25", "30", "35"],
             "exactly the unsettled deliveries come back"
         );
         drop(held);

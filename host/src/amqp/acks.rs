@@ -15,11 +15,11 @@
 //! A finished delivery's ack goes out at once when the run reaches the last tag delivered so
 //! far (nothing in flight could join it: one call at a time pays no delay). Otherwise it waits
 //! until enough of the run is ready (a quarter of the prefetch, so the broker never runs out of
-//! window while acks wait) or [`LINGER`] passes; then whoever noticed sends the run in one frame. A delivery still held back by an unsettled
-//! tag below it when its linger ends (a slow invocation, a gap that never fills) is acked on its
-//! own, so one straggler delays its neighbours' acks by at most `LINGER` and never stalls the
-//! consumer. `ack` returns once the frame carrying the delivery is sent, so callers still know
-//! whether the broker got it.
+//! window while acks wait) or [`LINGER`] passes; then whoever noticed sends the run in one
+//! frame. A delivery still held back by an unsettled tag below it when its linger ends (a slow
+//! invocation, a gap that never fills) is acked on its own, so one straggler delays its
+//! neighbours' acks by at most `LINGER` and never stalls the consumer. `ack` returns once the
+//! frame carrying the delivery is sent, so callers still know whether the broker got it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -54,7 +54,9 @@ struct State<W> {
     /// Every tag up to here is acked or rejected (or being, in the frame in flight).
     through: u64,
     /// Tags above `through` settled on their own (rejected, or acked alone after lingering).
-    /// Bounded by the channel's unacked deliveries, which the prefetch bounds.
+    /// Bounded by the channel's unacked deliveries, which the prefetch bounds, as long as
+    /// every delivery settles. One dropped unsettled pins `through` below it; that happens
+    /// only as the channel's consumers stop, and the channel, with this, is closed next.
     settled: BTreeSet<u64>,
     /// Deliveries waiting for their ack to be sent. Bounded like `settled`.
     ready: BTreeMap<u64, W>,
@@ -215,17 +217,25 @@ impl Acks {
     /// Send the ready run, then any run that grew big enough meanwhile. The caller has set
     /// `flushing`; this clears it.
     async fn flush(&self) {
+        // Two flushers at once could write their frames out of order, and a frame naming a
+        // tag that a later-numbered frame already covered closes the channel. So `flushing`
+        // is cleared only under the lock as the loop ends, or by this guard if the future is
+        // dropped mid-frame.
+        let mut guard = Flushing(Some(self));
         let mut first = true;
         loop {
             let run = {
                 let mut state = self.lock();
-                if !first && !self.due(&state) {
+                let seen = self.seen.load(Ordering::Relaxed);
+                if !first && !state.due(self.batch(), seen) {
                     state.flushing = false;
+                    guard.0 = None;
                     return;
                 }
                 let run = state.take_run();
                 if run.is_empty() {
                     state.flushing = false;
+                    guard.0 = None;
                     return;
                 }
                 run
@@ -243,6 +253,17 @@ impl Acks {
             for (_, waiting) in run {
                 let _ = waiting.sent.send(sent.clone());
             }
+        }
+    }
+}
+
+/// Clears `flushing` if a flush is abandoned half way (its task cancelled).
+struct Flushing<'a>(Option<&'a Acks>);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        if let Some(acks) = self.0 {
+            acks.lock().flushing = false;
         }
     }
 }
