@@ -60,6 +60,8 @@ pub enum AmqpError {
     },
 }
 
+/// For cold paths only: the context is formatted before the call, failed or not. Per-message
+/// paths build their error in the closure instead.
 fn ctx(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> AmqpError {
     let context = context.into();
     move |source| AmqpError::Broker { context, source }
@@ -399,7 +401,10 @@ impl Consumer {
                     settled: std::sync::atomic::AtomicBool::new(false),
                 }
             })
-            .map_err(ctx(format!("consumer on '{}' failed", self.queue)))
+            .map_err(|source| AmqpError::Broker {
+                context: format!("consumer on '{}' failed", self.queue),
+                source,
+            })
         })
     }
 }
@@ -597,15 +602,17 @@ impl Publisher {
             .inner
             .basic_publish(short(exchange)?, short(key)?, publish, body, props)
             .await
-            .map_err(ctx(format!(
-                "cannot publish to '{exchange}' with key '{key}'"
-            )))?;
+            .map_err(|source| AmqpError::Broker {
+                context: format!("cannot publish to '{exchange}' with key '{key}'"),
+                source,
+            })?;
         let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
             .await
             .map_err(|_| AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT))?
-            .map_err(ctx(format!(
-                "publish to '{exchange}' with key '{key}' failed"
-            )))?;
+            .map_err(|source| AmqpError::Broker {
+                context: format!("publish to '{exchange}' with key '{key}' failed"),
+                source,
+            })?;
         Ok(match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Published::Confirmed,
             Confirmation::Ack(Some(returned)) => Published::Returned {

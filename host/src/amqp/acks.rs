@@ -173,7 +173,8 @@ impl Acks {
         loop {
             match tokio::time::timeout(LINGER, &mut done).await {
                 Ok(Ok(sent)) => return sent,
-                // Only `flush` takes the sender, and it always sends.
+                // Only `flush` takes the sender, and it sends unless its future was dropped
+                // mid-frame; then whether the frame went out is unknown, so not acked.
                 Ok(Err(_)) => return Ok(false),
                 Err(_lingered) => {}
             }
@@ -191,7 +192,11 @@ impl Acks {
             if let Some(waiting) = alone {
                 // Still held back by an unsettled tag below: ack this one alone.
                 let sent = waiting.acker.ack(BasicAckOptions::default()).await;
-                self.settled(tag).await;
+                // As with a reject: a tag whose frame failed is not settled, so no run covers
+                // it (the channel is gone anyway).
+                if matches!(sent, Ok(true)) {
+                    self.settled(tag).await;
+                }
                 return sent;
             }
         }
