@@ -20,8 +20,16 @@ pub(crate) struct Admin {
 }
 
 impl Service for Admin {
+    type Snapshot = ();
+
     fn topic(&self) -> &str {
         &self.topic
+    }
+
+    fn snapshot(&self) {}
+
+    fn version((): &()) -> Option<u64> {
+        None
     }
 
     fn method_label<'a>(&self, method: &'a str) -> &'a str {
@@ -34,6 +42,7 @@ impl Service for Admin {
     async fn serve(
         &self,
         _: &Dispatcher,
+        (): &(),
         request: &Request,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         let Some(daemon) = self.daemon.upgrade() else {

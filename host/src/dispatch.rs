@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
 use crate::metrics::{Metrics, Outcome};
-use crate::registry::Handler;
+use crate::registry::{Handler, Version};
 use crate::runtime::{Failure, Runtime, class};
 use crate::wire::{self, RemoteError, Request, truncate};
 
@@ -45,12 +45,20 @@ pub const USER_ID_KEY: &str = crate::runtime::CONTEXT_USER_ID;
 
 /// What answers the requests of one queue: a Wasm handler, or the daemon's admin topic.
 pub trait Service: Send + Sync {
+    /// What one request runs on, taken once as it is admitted (a handler's current version),
+    /// so that its log lines and its invocation agree even if a reload swaps meanwhile.
+    type Snapshot: Send + Sync;
     /// The topic, for logs.
     fn topic(&self) -> &str;
+    /// Take what the next request runs on.
+    fn snapshot(&self) -> Self::Snapshot;
+    /// The snapshot's version number, for logs.
+    fn version(snapshot: &Self::Snapshot) -> Option<u64>;
     /// Produce the results (or the failure) for a decoded request.
     fn serve(
         &self,
         dispatcher: &Dispatcher,
+        snapshot: &Self::Snapshot,
         request: &Request,
     ) -> impl std::future::Future<Output = Result<Vec<Box<RawValue>>, Failure>> + Send;
     /// `method` as a metric label: itself if callable, `-` otherwise (labels must stay few).
@@ -58,8 +66,18 @@ pub trait Service: Send + Sync {
 }
 
 impl Service for Handler {
+    type Snapshot = Arc<Version>;
+
     fn topic(&self) -> &str {
         &self.topic
+    }
+
+    fn snapshot(&self) -> Arc<Version> {
+        self.current()
+    }
+
+    fn version(snapshot: &Arc<Version>) -> Option<u64> {
+        Some(snapshot.id)
     }
 
     fn method_label<'a>(&self, method: &'a str) -> &'a str {
@@ -73,11 +91,9 @@ impl Service for Handler {
     async fn serve(
         &self,
         dispatcher: &Dispatcher,
+        version: &Arc<Version>,
         request: &Request,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
-        // Taken once: the whole invocation runs on this version even if a reload swaps.
-        let version = self.current();
-        tracing::Span::current().record("version", version.id);
         let _running = dispatcher.metrics.running(&self.topic);
         let started = Instant::now();
         let outcome = dispatcher.invoke(self, &version.module, request).await;
@@ -192,15 +208,34 @@ impl Dispatcher {
     /// panics and never returns an error: every outcome is logged here.
     pub async fn handle<S: Service>(&self, service: &S, delivery: &Delivery) {
         let tag = delivery.tag();
-        // Every line logged for this delivery carries these. Each field costs formatting on
-        // every message, logged or not, so only what identifies the request is here; how it
-        // was settled is in the lines that report it.
-        let span = tracing::info_span!("delivery", topic = %service.topic(), tag,
-            method = tracing::field::Empty, msg_id = tracing::field::Empty,
-            unique_id = tracing::field::Empty, version = tracing::field::Empty);
-        let _held = self.metrics.holding(service.topic());
+        let topic = service.topic();
+        let _held = self.metrics.holding(topic);
+        // Every line logged for this delivery carries the span's fields. The log layer formats
+        // them when the span is created and again, whole, whenever one is recorded later (the
+        // JSON layer re-parses what it had), so the span is created once the request is
+        // decoded, with every field at once; only what identifies the request is there.
+        let (settle, span) = match self.admit(delivery) {
+            Ok(request) => {
+                let snapshot = service.snapshot();
+                let span = tracing::info_span!("delivery", topic = %topic, tag,
+                    method = truncate(&request.method, 64),
+                    msg_id = request.msg_id.as_deref(),
+                    unique_id = request.unique_id.as_deref(),
+                    version = S::version(&snapshot));
+                let settle = self
+                    .serve_request(service, &snapshot, delivery, request)
+                    .instrument(span.clone())
+                    .await;
+                (settle, span)
+            }
+            Err(refused) => {
+                let span = tracing::info_span!("delivery", topic = %topic, tag);
+                span.in_scope(|| refused.log());
+                self.metrics.request(topic, "-", Outcome::Rejected, "");
+                (Settle::Reject, span)
+            }
+        };
         async {
-            let settle = self.process(service, delivery).await;
             let settled = settle_delivery(delivery, &settle).await;
             if !settled {
                 self.metrics.stale_settle();
@@ -222,41 +257,27 @@ impl Dispatcher {
         .await
     }
 
-    async fn process<S: Service>(&self, service: &S, delivery: &Delivery) -> Settle {
-        let settle = self.check_and_serve(service, delivery).await;
-        if let Err(outcome) = &settle {
-            self.metrics.request(service.topic(), "-", *outcome, "");
-        }
-        settle.unwrap_or(Settle::Reject)
-    }
-
-    /// `Err` carries the outcome of a message refused before dispatch.
-    async fn check_and_serve<S: Service>(
-        &self,
-        service: &S,
-        delivery: &Delivery,
-    ) -> Result<Settle, Outcome> {
+    /// Check and decode a delivery; a refused one is rejected unread.
+    fn admit(&self, delivery: &Delivery) -> Result<Request, Refused> {
         let body = delivery.body();
-        let topic = service.topic();
         if body.len() > self.max_message_bytes {
-            warn!(
-                size = body.len(),
-                cap = self.max_message_bytes,
-                "message over the size cap rejected unread"
-            );
-            return Err(Outcome::Rejected);
+            return Err(Refused::TooBig {
+                size: body.len(),
+                cap: self.max_message_bytes,
+            });
         }
         if let Some(ct) = delivery.content_type()
             && !ct.eq_ignore_ascii_case("application/json")
         {
-            warn!(content_type = %truncate(ct, 64), "message with a non-JSON content type rejected");
-            return Err(Outcome::Rejected);
+            return Err(Refused::NotJson(truncate(ct, 64).to_owned()));
         }
         let mut request = match wire::decode_request_with(body, &self.limits) {
             Ok(r) => r,
             Err(e) => {
-                warn!(error = %e, size = body.len(), "undecodable message rejected");
-                return Err(Outcome::Rejected);
+                return Err(Refused::Undecodable {
+                    error: e.to_string(),
+                    size: body.len(),
+                });
             }
         };
         // The broker-validated sender, under a key no message can set: `_context_*` fields are
@@ -265,18 +286,24 @@ impl Dispatcher {
         if let Some(user) = delivery.user_id() {
             request.context.insert(USER_ID_KEY.to_owned(), user.into());
         }
-        let span = tracing::Span::current();
-        span.record("method", truncate(&request.method, 64));
-        if let Some(id) = &request.msg_id {
-            span.record("msg_id", id.as_str());
-        }
-        if let Some(id) = &request.unique_id {
-            span.record("unique_id", id.as_str());
-            if self.dedup.lock().map(|d| d.contains(id)).unwrap_or(false) {
-                info!("duplicate message dropped (same _unique_id already handled)");
-                self.metrics.request(topic, "-", Outcome::Duplicate, "");
-                return Ok(Settle::Ack { unique_id: None });
-            }
+        Ok(request)
+    }
+
+    /// Serve an admitted request and say how to settle its delivery.
+    async fn serve_request<S: Service>(
+        &self,
+        service: &S,
+        snapshot: &S::Snapshot,
+        delivery: &Delivery,
+        request: Request,
+    ) -> Settle {
+        let topic = service.topic();
+        if let Some(id) = &request.unique_id
+            && self.dedup.lock().map(|d| d.contains(id)).unwrap_or(false)
+        {
+            info!("duplicate message dropped (same _unique_id already handled)");
+            self.metrics.request(topic, "-", Outcome::Duplicate, "");
+            return Settle::Ack { unique_id: None };
         }
         let method = service.method_label(&request.method);
 
@@ -284,10 +311,10 @@ impl Dispatcher {
         if deliveries > self.max_deliveries {
             self.metrics
                 .request(topic, method, Outcome::Poison, POISON_CLASS);
-            return Ok(self.poison(topic, delivery, &request, deliveries).await);
+            return self.poison(topic, delivery, &request, deliveries).await;
         }
 
-        let outcome = service.serve(self, &request).await;
+        let outcome = service.serve(self, snapshot, &request).await;
         match &outcome {
             Ok(_) => self.metrics.request(topic, method, Outcome::Ok, ""),
             Err(f) => {
@@ -311,7 +338,7 @@ impl Dispatcher {
                 .await
             {
                 error!(error = %e, "crashed cast could not be dead-lettered; requeued");
-                return Ok(Settle::Requeue);
+                return Settle::Requeue;
             }
             self.metrics.dead_lettered(topic, "crashed_cast");
         }
@@ -319,11 +346,11 @@ impl Dispatcher {
             && let Err(e) = self.reply(&request, outcome).await
         {
             error!(error = %e, "reply could not be published; request requeued");
-            return Ok(Settle::Requeue);
+            return Settle::Requeue;
         }
-        Ok(Settle::Ack {
+        Settle::Ack {
             unique_id: request.unique_id,
-        })
+        }
     }
 
     /// Which delivery of this message this is (1 for the first), from the `x-delivery-count`
@@ -643,6 +670,29 @@ async fn settle_delivery(delivery: &Delivery, settle: &Settle) -> bool {
         Err(e) => {
             warn!(settle = settle.as_str(), error = %e, "could not settle delivery; the broker will redeliver it");
             false
+        }
+    }
+}
+
+/// Why a delivery was rejected before it was decoded.
+enum Refused {
+    TooBig { size: usize, cap: usize },
+    NotJson(String),
+    Undecodable { error: String, size: usize },
+}
+
+impl Refused {
+    fn log(&self) {
+        match self {
+            Refused::TooBig { size, cap } => {
+                warn!(size, cap, "message over the size cap rejected unread");
+            }
+            Refused::NotJson(content_type) => {
+                warn!(%content_type, "message with a non-JSON content type rejected");
+            }
+            Refused::Undecodable { error, size } => {
+                warn!(%error, size, "undecodable message rejected");
+            }
         }
     }
 }
