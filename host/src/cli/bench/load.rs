@@ -64,6 +64,56 @@ pub struct CallStats {
     pub max_ms: f64,
 }
 
+/// Every call timed in one or more windows of a call phase.
+#[derive(Debug, Clone)]
+pub struct CallSamples {
+    callers: usize,
+    took: Vec<Duration>,
+    errors: u64,
+    /// Total length of the windows, seconds.
+    secs: f64,
+}
+
+impl CallSamples {
+    /// No window yet.
+    pub fn new(callers: usize) -> CallSamples {
+        CallSamples {
+            callers,
+            took: Vec::new(),
+            errors: 0,
+            secs: 0.0,
+        }
+    }
+
+    /// Add another window's calls (of the same caller count).
+    pub fn merge(&mut self, other: CallSamples) {
+        self.took.extend(other.took);
+        self.errors += other.errors;
+        self.secs += other.secs;
+    }
+
+    /// Rate and percentiles over all the windows.
+    pub fn stats(mut self) -> CallStats {
+        self.took.sort_unstable();
+        let took = &self.took;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        CallStats {
+            callers: self.callers,
+            calls: took.len() as u64,
+            errors: self.errors,
+            secs: self.secs,
+            rate: if self.secs > 0.0 {
+                took.len() as f64 / self.secs
+            } else {
+                0.0
+            },
+            p50_ms: percentile(took, 0.50).map_or(0.0, ms),
+            p99_ms: percentile(took, 0.99).map_or(0.0, ms),
+            max_ms: took.last().copied().map_or(0.0, ms),
+        }
+    }
+}
+
 impl LoadGen {
     /// Connect, declare the reply queue and start routing replies. `payload_bytes` sizes the
     /// string sent as `value`.
@@ -171,7 +221,7 @@ impl LoadGen {
         callers: usize,
         warmup: Duration,
         window: Duration,
-    ) -> CallStats {
+    ) -> CallSamples {
         let from = Instant::now() + warmup;
         let until = from + window;
         let tasks: Vec<_> = (0..callers)
@@ -200,30 +250,18 @@ impl LoadGen {
                 })
             })
             .collect();
-        let mut took = Vec::new();
-        let mut errors = 0;
+        let mut samples = CallSamples::new(callers);
+        samples.secs = window.as_secs_f64();
         for task in tasks {
             if let Ok((t, e, first)) = task.await {
-                took.extend(t);
-                errors += e;
+                samples.took.extend(t);
+                samples.errors += e;
                 if let Some(first) = first {
                     eprintln!("  call error (of {e}): {first}");
                 }
             }
         }
-        took.sort_unstable();
-        let secs = window.as_secs_f64();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        CallStats {
-            callers,
-            calls: took.len() as u64,
-            errors,
-            secs,
-            rate: took.len() as f64 / secs,
-            p50_ms: percentile(&took, 0.50).map_or(0.0, ms),
-            p99_ms: percentile(&took, 0.99).map_or(0.0, ms),
-            max_ms: took.last().copied().map_or(0.0, ms),
-        }
+        samples
     }
 
     /// Publish `count` casts of the method to `topic`, each confirmed by the broker, with
@@ -299,4 +337,39 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     }
     let rank = ((sorted.len() as f64) * p).ceil() as usize;
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(secs: f64, millis: &[u64], errors: u64) -> CallSamples {
+        CallSamples {
+            callers: 4,
+            took: millis.iter().map(|&m| Duration::from_millis(m)).collect(),
+            errors,
+            secs,
+        }
+    }
+
+    #[test]
+    fn merged_windows_give_the_rate_and_percentiles_of_all_their_calls() {
+        let mut all = CallSamples::new(4);
+        all.merge(window(2.0, &[5, 1, 3], 1));
+        all.merge(window(1.0, &[2, 100, 4], 0));
+        let stats = all.stats();
+        assert_eq!(stats.callers, 4);
+        assert_eq!(stats.calls, 6);
+        assert_eq!(stats.errors, 1);
+        assert_eq!(stats.secs, 3.0);
+        assert_eq!(stats.rate, 2.0);
+        assert_eq!(stats.p50_ms, 3.0);
+        assert_eq!(stats.max_ms, 100.0);
+    }
+
+    #[test]
+    fn no_window_is_no_rate_rather_than_a_division_by_zero() {
+        let stats = CallSamples::new(1).stats();
+        assert_eq!((stats.calls, stats.rate, stats.p50_ms), (0, 0.0, 0.0));
+    }
 }

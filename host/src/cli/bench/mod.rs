@@ -7,11 +7,13 @@
 //! - `broker.rs`: queue depth and clean-up (lapin directly; bench-only).
 //! - `report.rs`: the table, the JSON, the SVG chart and the targets.
 //!
-//! How a server is measured (`measure`): start it and wait for its readiness line; read its
-//! idle RSS; run the call phases (1, then 16 callers: a warm-up, then a timed window); pause
-//! it with SIGSTOP, publish the flood of casts into its queue (all confirmed), resume it and
-//! time until the queue is empty, sampling its RSS; stop it; delete its queues. Every run
-//! uses fresh topic names, so leftovers of an earlier run never meet this one.
+//! How a server is measured: start it and wait for its readiness line; read its idle RSS; run
+//! the call phases (1, then 16 callers: a warm-up, then timed windows); pause it with SIGSTOP,
+//! publish the flood of casts into its queue (all confirmed), resume it and time until the
+//! queue is empty, sampling its RSS; stop it; delete its queues. Every run uses fresh topic
+//! names, so leftovers of an earlier run never meet this one. `--compare` runs its servers
+//! side by side (`measure_together`): the call phases are cut into rounds the servers take
+//! in turn, each with the others paused, so the machine's drifts fall on all of them alike.
 
 mod broker;
 mod load;
@@ -29,7 +31,7 @@ use clap::Args;
 use warren::config::{DEFAULT_BROKER_URL, DEFAULT_EXCHANGE};
 
 use self::broker::Admin;
-use self::load::LoadGen;
+use self::load::{CallSamples, LoadGen};
 use self::peers::{Peer, Ready, RssSampler};
 use self::report::{FloodStats, Report, ServerResult, Startup};
 
@@ -73,6 +75,11 @@ pub struct BenchArgs {
     /// Casts in the flood [default: 100000, quick 2000]; 0 skips the flood.
     #[arg(long)]
     casts: Option<u64>,
+    /// With --compare: each call phase is cut into this many windows, taken in turn by the
+    /// servers (in a rotating order), so that a slow minute on a shared machine falls on all
+    /// of them alike [default: 5, quick 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: Option<u32>,
     /// Size of the string sent as `value`, bytes.
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
@@ -112,6 +119,7 @@ struct Plan {
     callers: Vec<usize>,
     warmup: Duration,
     window: Duration,
+    rounds: u32,
     casts: u64,
     payload_bytes: usize,
     prefetch: u16,
@@ -167,6 +175,7 @@ pub fn bench(args: BenchArgs) -> ExitCode {
         callers: args.callers.clone(),
         warmup: Duration::from_secs_f64(if quick { 0.5 } else { 2.0 }),
         window: Duration::from_secs_f64(args.duration.unwrap_or(if quick { 2.0 } else { 10.0 })),
+        rounds: args.rounds.unwrap_or(if quick { 2 } else { 5 }),
         casts: args.casts.unwrap_or(if quick { 2_000 } else { 100_000 }),
         payload_bytes: args.payload_bytes,
         prefetch: args.prefetch,
@@ -254,6 +263,7 @@ async fn compare(
     let workdir = TempDir::new(&format!("warren-bench-{id}"))?;
     let server_name = format!("bench{id}");
 
+    let mut contenders = Vec::new();
     // Native baseline.
     let topic = format!("bench_{id}_native");
     let mut native = peers::this_binary()?;
@@ -265,9 +275,7 @@ async fn compare(
         ready: Ready::StdoutLine("READY"),
         queues: vec![topic.clone()],
     };
-    report
-        .servers
-        .push(measure(plan, admin, "native", &topic, Some(spawn)).await?);
+    contenders.push(Contender::start(plan, "native", &topic, spawn).await?);
 
     // oslo.messaging.
     let have_oslo = args.python.exists() && args.oslo_server.exists();
@@ -295,9 +303,7 @@ async fn compare(
             ready: Ready::StdoutLine("READY"),
             queues: vec![topic.clone(), format!("{topic}.{server_name}")],
         };
-        report
-            .servers
-            .push(measure(plan, admin, "oslo.messaging", &topic, Some(spawn)).await?);
+        contenders.push(Contender::start(plan, "oslo.messaging", &topic, spawn).await?);
     }
 
     // Warren with 10 handlers: the measured topic and nine idle ones.
@@ -326,9 +332,24 @@ async fn compare(
         ready: Ready::StderrContains(WARREN_READY),
         queues: server_queues(&topics, &server_name),
     };
-    report
-        .servers
-        .push(measure(plan, admin, "warren", &topic, Some(spawn)).await?);
+    contenders.push(Contender::start(plan, "warren", &topic, spawn).await?);
+
+    let measured = measure_together(plan, admin, &mut contenders).await;
+    for contender in contenders {
+        // A failure can leave a server paused; it must run to stop.
+        let _ = contender.peer.signal("CONT");
+        if measured.is_err() {
+            eprintln!(
+                "{}: last output:\n{}",
+                contender.name,
+                contender.peer.tail()
+            );
+        }
+        contender.peer.stop(Duration::from_secs(15)).await;
+        plan.delete(admin, &contender.queues).await;
+        report.servers.push(contender.result);
+    }
+    measured?;
 
     // Start-up with many handlers: no cache, then a cold cache, then the warm one.
     let handlers = args
@@ -385,6 +406,143 @@ async fn compare(
     plan.delete(admin, &queues).await;
     report.startup = Some(startup);
     Ok(())
+}
+
+/// A server of a comparison, running for the whole of it.
+struct Contender {
+    name: &'static str,
+    topic: String,
+    peer: Peer,
+    queues: Vec<String>,
+    result: ServerResult,
+}
+
+impl Contender {
+    async fn start(
+        plan: &Plan,
+        name: &'static str,
+        topic: &str,
+        spawn: Spawn,
+    ) -> anyhow::Result<Contender> {
+        eprintln!("{name}: starting");
+        plan.created(&spawn.queues);
+        let peer = Peer::start(name, spawn.command, spawn.ready, Duration::from_secs(120)).await?;
+        eprintln!(
+            "{name}: ready after {:.0} ms",
+            peer.ready_after.as_secs_f64() * 1000.0
+        );
+        // Idle RSS once start-up has settled.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut result = ServerResult::new(name);
+        result.rss_idle_kib = peer.rss_kib();
+        eprintln!("{name}: idle RSS {}", report::mib(result.rss_idle_kib));
+        Ok(Contender {
+            name,
+            topic: topic.to_owned(),
+            peer,
+            queues: spawn.queues,
+            result,
+        })
+    }
+}
+
+/// Measure servers that all run at once. Each call phase is cut into `plan.rounds` windows
+/// that the servers take in turn, the order rotating every round, so that the machine's
+/// drifts (other tenants, the broker's own housekeeping) fall on every server alike rather
+/// than on whichever ran last. During a server's window the others are paused (SIGSTOP), so
+/// none pays for another's idle timers. A server's first window has the full warm-up, later
+/// ones a short settle. Then each server's flood, one after another.
+async fn measure_together(
+    plan: &Plan,
+    admin: &mut Admin,
+    contenders: &mut [Contender],
+) -> anyhow::Result<()> {
+    let load =
+        Arc::new(LoadGen::connect(&plan.url, &plan.exchange, "echo", plan.payload_bytes).await?);
+    let rounds = plan.rounds.max(1);
+    let window = plan.window / rounds;
+    let settle = plan.warmup.min(Duration::from_millis(500));
+    for &callers in plan.callers.iter().filter(|&&n| n > 0) {
+        let mut samples: Vec<CallSamples> = contenders
+            .iter()
+            .map(|_| CallSamples::new(callers))
+            .collect();
+        for round in 0..rounds as usize {
+            let warmup = if round == 0 { plan.warmup } else { settle };
+            for turn in 0..contenders.len() {
+                let i = (turn + round) % contenders.len();
+                // The others are paused: each server has the machine as it would alone.
+                for (j, c) in contenders.iter().enumerate() {
+                    c.peer.signal(if i == j { "CONT" } else { "STOP" })?;
+                }
+                let taken = load
+                    .calls(&contenders[i].topic, callers, warmup, window)
+                    .await;
+                samples[i].merge(taken);
+            }
+            eprintln!(
+                "{callers} caller{}: round {} of {rounds} done",
+                plural(callers),
+                round + 1
+            );
+        }
+        for c in contenders.iter() {
+            c.peer.signal("CONT")?;
+        }
+        for (contender, samples) in contenders.iter_mut().zip(samples) {
+            let stats = samples.stats();
+            eprintln!("{}: {}", contender.name, describe(&stats));
+            contender.result.calls.push(stats);
+        }
+    }
+    if plan.casts > 0 {
+        for i in 0..contenders.len() {
+            for (j, c) in contenders.iter().enumerate() {
+                if i != j {
+                    c.peer.signal("STOP")?;
+                }
+            }
+            let c = &mut contenders[i];
+            let stats = flood(
+                plan,
+                admin,
+                c.name,
+                &c.topic,
+                Some(&c.peer),
+                &load,
+                &mut c.result,
+            )
+            .await?;
+            c.result.flood = Some(stats);
+        }
+        for c in contenders.iter() {
+            c.peer.signal("CONT")?;
+        }
+    }
+    load.close().await;
+    Ok(())
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// One call phase's figures, for progress lines.
+fn describe(stats: &load::CallStats) -> String {
+    format!(
+        "{} caller{} ... {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms{}",
+        stats.callers,
+        plural(stats.callers),
+        stats.rate,
+        stats.p50_ms,
+        stats.p99_ms,
+        stats.max_ms,
+        if stats.errors > 0 {
+            format!(", {} errors", stats.errors)
+        } else {
+            String::new()
+        },
+    )
 }
 
 /// How to start a server under test, and the queues to delete afterwards.
@@ -446,20 +604,11 @@ async fn measure_running(
     let load =
         Arc::new(LoadGen::connect(&plan.url, &plan.exchange, "echo", plan.payload_bytes).await?);
     for &callers in plan.callers.iter().filter(|&&n| n > 0) {
-        let stats = load.calls(topic, callers, plan.warmup, plan.window).await;
-        eprintln!(
-            "{name}: {callers} caller{} ... {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms{}",
-            if callers == 1 { "" } else { "s" },
-            stats.rate,
-            stats.p50_ms,
-            stats.p99_ms,
-            stats.max_ms,
-            if stats.errors > 0 {
-                format!(", {} errors", stats.errors)
-            } else {
-                String::new()
-            },
-        );
+        let stats = load
+            .calls(topic, callers, plan.warmup, plan.window)
+            .await
+            .stats();
+        eprintln!("{name}: {}", describe(&stats));
         result.calls.push(stats);
     }
     if plan.casts > 0 {
