@@ -38,10 +38,11 @@ use self::report::{FloodStats, Report, ServerResult, Startup};
 /// Measure call throughput and latency, and cast drain rate, in the oslo wire format.
 ///
 /// Against a running server: `warren bench --topic echo` calls `echo` with 1 and then 16
-/// concurrent callers and floods the topic with casts. With `--compare` it starts, one after
-/// another on the same broker, a native Rust baseline, an oslo.messaging server (from the
-/// repository's .venv) and Warren serving plugins/out/echo.wasm, measures each the same way,
-/// then Warren's memory and start-up time, and prints one table with the ratios.
+/// concurrent callers and floods the topic with casts. With `--compare` it starts, on the
+/// same broker, a native Rust baseline, an oslo.messaging server (from the repository's
+/// .venv) and Warren serving plugins/out/echo.wasm, measures them side by side (each call
+/// phase in rounds they take in turn, the others paused), then Warren's memory and start-up
+/// time, and prints one table with the ratios.
 /// Progress goes to stderr, the table (or `--json`) to stdout. See BENCHMARKS.md.
 #[derive(Args)]
 #[command(
@@ -53,7 +54,7 @@ pub struct BenchArgs {
     /// Topic of a running server to load (its `echo` method). Not with --compare.
     #[arg(long, required_unless_present = "compare", conflicts_with = "compare")]
     topic: Option<String>,
-    /// Start the native baseline, oslo.messaging and Warren one after another and compare.
+    /// Start the native baseline, oslo.messaging and Warren, measure them side by side, compare.
     #[arg(long)]
     compare: bool,
     /// Short measurements (2 s windows, a 2,000-cast flood, 10 handlers for start-up): proves
@@ -229,7 +230,14 @@ pub fn bench(args: BenchArgs) -> ExitCode {
 }
 
 async fn run(args: &BenchArgs, plan: &Plan) -> anyhow::Result<Report> {
-    let mut report = Report::new(plan.quick, plan.window, plan.casts, plan.payload_bytes);
+    let rounds = args.topic.is_none().then_some(plan.rounds);
+    let mut report = Report::new(
+        plan.quick,
+        plan.window,
+        rounds,
+        plan.casts,
+        plan.payload_bytes,
+    );
     let mut admin = Admin::connect(&plan.url).await?;
     let id = warren::wire::new_id()[..12].to_owned();
     let result = match &args.topic {
@@ -246,7 +254,7 @@ async fn run(args: &BenchArgs, plan: &Plan) -> anyhow::Result<Report> {
     result.map(|()| report)
 }
 
-/// The three servers one after another, then Warren's scale figures.
+/// The three servers side by side, then Warren's scale figures.
 async fn compare(
     args: &BenchArgs,
     plan: &Plan,

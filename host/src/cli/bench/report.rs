@@ -32,8 +32,10 @@ pub struct Setup {
     pub cpu_model: String,
     /// The 1-minute load average when the run started.
     pub load_average: String,
-    /// Measured window per call phase, seconds.
+    /// Measured time per call phase and server, seconds.
     pub window_secs: f64,
+    /// With `--compare`: the rounds that time was cut into, taken by the servers in turn.
+    pub rounds: Option<u32>,
     /// Casts in the flood.
     pub casts: u64,
     /// Bytes of the string echoed.
@@ -120,7 +122,13 @@ struct Target {
 
 impl Report {
     /// An empty report for this machine and these settings.
-    pub fn new(quick: bool, window: Duration, casts: u64, payload_bytes: usize) -> Report {
+    pub fn new(
+        quick: bool,
+        window: Duration,
+        rounds: Option<u32>,
+        casts: u64,
+        payload_bytes: usize,
+    ) -> Report {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -140,6 +148,7 @@ impl Report {
                 cpu_model,
                 load_average,
                 window_secs: window.as_secs_f64(),
+                rounds,
                 casts,
                 payload_bytes,
             },
@@ -290,11 +299,15 @@ impl Report {
         let s = &self.setup;
         let _ = writeln!(
             out,
-            "\n{} CPUs ({}), load average {} at the start; {} s windows, {}-byte payload{}.",
+            "\n{} CPUs ({}), load average {} at the start; {} s of calls per phase and server{}, {}-byte payload{}.",
             s.cpus,
             s.cpu_model,
             s.load_average,
             s.window_secs,
+            match s.rounds {
+                Some(n) if n > 1 => format!(" in {n} rounds taken in turn"),
+                _ => String::new(),
+            },
             s.payload_bytes,
             if self.quick {
                 "; QUICK MODE: not representative"
