@@ -245,7 +245,7 @@ async fn run(args: &BenchArgs, plan: &Plan) -> anyhow::Result<Report> {
             let name = format!("topic {topic}");
             report
                 .servers
-                .push(measure(plan, &mut admin, &name, topic, None).await?);
+                .push(measure_running(plan, &mut admin, &name, topic).await?);
             Ok(())
         }
         None => compare(args, plan, &mut admin, &id, &mut report).await,
@@ -563,52 +563,15 @@ struct Spawn {
 /// Warren's JSON log line for the `ready` event.
 const WARREN_READY: &str = r#""message":"ready""#;
 
-/// Measure one server on `topic`: started from `spawn`, or already running (`None`).
-async fn measure(
-    plan: &Plan,
-    admin: &mut Admin,
-    name: &str,
-    topic: &str,
-    spawn: Option<Spawn>,
-) -> anyhow::Result<ServerResult> {
-    let mut result = ServerResult::new(name);
-    let (peer, queues) = match spawn {
-        Some(s) => {
-            eprintln!("{name}: starting");
-            plan.created(&s.queues);
-            let peer = Peer::start(name, s.command, s.ready, Duration::from_secs(120)).await?;
-            eprintln!(
-                "{name}: ready after {:.0} ms",
-                peer.ready_after.as_secs_f64() * 1000.0
-            );
-            (Some(peer), s.queues)
-        }
-        None => (None, Vec::new()),
-    };
-    let outcome = measure_running(plan, admin, name, topic, peer.as_ref(), &mut result).await;
-    if let Some(peer) = peer {
-        if outcome.is_err() {
-            eprintln!("{name}: last output:\n{}", peer.tail());
-        }
-        peer.stop(Duration::from_secs(15)).await;
-    }
-    plan.delete(admin, &queues).await;
-    outcome.map(|()| result)
-}
-
+/// Measure a server already running on `topic` (`warren bench --topic`): the call phases one
+/// after another, then the flood, published while it consumes.
 async fn measure_running(
     plan: &Plan,
     admin: &mut Admin,
     name: &str,
     topic: &str,
-    peer: Option<&Peer>,
-    result: &mut ServerResult,
-) -> anyhow::Result<()> {
-    if let Some(peer) = peer {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        result.rss_idle_kib = peer.rss_kib();
-        eprintln!("{name}: idle RSS {}", report::mib(result.rss_idle_kib));
-    }
+) -> anyhow::Result<ServerResult> {
+    let mut result = ServerResult::new(name);
     let load =
         Arc::new(LoadGen::connect(&plan.url, &plan.exchange, "echo", plan.payload_bytes).await?);
     for &callers in plan.callers.iter().filter(|&&n| n > 0) {
@@ -620,10 +583,11 @@ async fn measure_running(
         result.calls.push(stats);
     }
     if plan.casts > 0 {
-        result.flood = Some(flood(plan, admin, name, topic, peer, &load, result).await?);
+        let stats = flood(plan, admin, name, topic, None, &load, &mut result).await?;
+        result.flood = Some(stats);
     }
     load.close().await;
-    Ok(())
+    Ok(result)
 }
 
 /// The flood. With a server of ours: paused while the casts queue up, then timed from its
