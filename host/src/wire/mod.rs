@@ -169,7 +169,13 @@ pub enum DecodeError {
 /// A fresh uuid4 as 32 lowercase hex digits: the form of every `_msg_id`, `_unique_id` and
 /// reply-queue suffix that nova and oslo generate.
 pub fn new_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    new_uuid().simple().to_string()
+}
+
+/// A fresh uuid4 from the thread's CSPRNG (`rand`'s ChaCha, seeded from the OS). Every reply
+/// carries one, and `Uuid::new_v4` asks the kernel (a `getrandom` syscall) each time.
+pub fn new_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 // ---------------------------------------------------------------------------------------

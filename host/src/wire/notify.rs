@@ -49,7 +49,7 @@ pub fn encode_notification(
     enveloped: bool,
 ) -> Vec<u8> {
     let notification = Notification {
-        message_id: &uuid::Uuid::new_v4().hyphenated().to_string(),
+        message_id: &super::new_uuid().hyphenated().to_string(),
         publisher_id,
         event_type,
         priority,

@@ -13,6 +13,22 @@ use super::*;
 const MSG_ID: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const REPLY_Q: &str = "reply_9f8e7d6c5b4a39281706f5e4d3c2b1a0";
 
+#[test]
+fn new_ids_are_distinct_uuid4_in_oslo_form() {
+    let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_id()).collect();
+    assert_eq!(ids.len(), 1000);
+    for id in &ids {
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        assert_eq!(uuid.get_version(), Some(uuid::Version::Random));
+        assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122);
+    }
+}
+
 fn raw(value: Value) -> Box<RawValue> {
     to_raw_value(&value).unwrap()
 }
