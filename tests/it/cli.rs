@@ -76,6 +76,33 @@ fn inspect_lists_methods_and_abi() {
     for m in ["add", "div", "fib", "stats"] {
         assert!(methods.contains(&m), "{methods:?}");
     }
+    // The repository's .cargo/config.toml gives Rust guests a 128 KiB stack instead of 1 MiB:
+    // three pages, where Rust's default makes seventeen (and every call resets them).
+    assert_eq!(v["initial_memory_bytes"], 3 * 65536, "{out}");
+    let (code, text, _) = run(&["inspect", calc.to_str().expect("utf8")]);
+    assert_eq!(code, 0);
+    assert!(text.contains("memory:      192 KiB initial"), "{text}");
+}
+
+/// Arguments and a context nested as deep as the daemon's decoder admits (64 levels) fit in
+/// the example plugins' 128 KiB guest stack: `context` parses the context into a tree and
+/// serialises it back, recursing once per level.
+#[test]
+fn deepest_nesting_the_wire_admits_fits_the_guest_stack() {
+    let echo = plugin("echo");
+    let echo = echo.to_str().expect("utf8");
+    let depth = 63; // inside the context object, which is the 64th level
+    let nested = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let args = format!(r#"{{"value": {nested}}}"#);
+    let (code, out, err) = run(&["invoke", echo, "echo", &args]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), nested);
+    let context = format!(r#"{{"deep": {nested}}}"#);
+    let (code, out, err) = run(&["invoke", echo, "context", "--context", &context]);
+    assert_eq!(code, 0, "{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let want: serde_json::Value = serde_json::from_str(&nested).expect("json");
+    assert_eq!(got["deep"], want, "{out}");
 }
 
 #[test]

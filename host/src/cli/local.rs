@@ -129,6 +129,7 @@ pub fn inspect(args: InspectArgs) -> ExitCode {
             "abi_version": warren::runtime::ABI_VERSION,
             "sha256": module.sha256().iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "methods": methods,
+            "initial_memory_bytes": module.initial_memory_bytes(),
         });
         if module.is_component() {
             doc["world"] = warren::runtime::WIT_PACKAGE.into();
@@ -142,6 +143,11 @@ pub fn inspect(args: InspectArgs) -> ExitCode {
             println!("abi version: {}", warren::runtime::ABI_VERSION);
         }
         println!("sha256:      {}…", module.hash_prefix());
+        // Each call resets what its instance's memory used: a small memory is a cheap call.
+        println!(
+            "memory:      {} KiB initial",
+            module.initial_memory_bytes() / 1024
+        );
         println!(
             "methods:     {}",
             if methods.is_empty() {

@@ -58,6 +58,7 @@ const RUST: &[File] = templates!("rust":
     "src/lib.rs" => "src/lib.rs.tmpl",
     "README.md" => "README.md.tmpl",
     ".gitignore" => "gitignore.tmpl",
+    ".cargo/config.toml" => "cargo-config.toml.tmpl",
 );
 
 const C: &[File] = templates!("c":

@@ -59,6 +59,13 @@ pub(super) struct ComponentCode {
     pre: HandlerWorldPre<State>,
 }
 
+impl ComponentCode {
+    /// What instantiating the component takes (its core modules' memories and tables).
+    pub(super) fn resources_required(&self) -> Option<wasmtime::ResourcesRequired> {
+        self.pre.instance_pre().component().resources_required()
+    }
+}
+
 /// WASI preview 2 for one invocation: built on the component's first WASI call.
 pub(crate) struct Wasi2 {
     ctx: WasiCtx,

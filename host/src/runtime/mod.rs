@@ -147,6 +147,20 @@ impl Module {
         matches!(self.inner.code, Code::Component(_))
     }
 
+    /// Linear memory an instance starts with, bytes (a component's largest). Every call resets
+    /// the memory its instance used, which costs in proportion to this, so `warren inspect`
+    /// shows it to plugin authors.
+    pub fn initial_memory_bytes(&self) -> u64 {
+        let required = match &self.inner.code {
+            Code::Core { pre, .. } => Some(pre.module().resources_required()),
+            Code::Component(code) => code.resources_required(),
+        };
+        required
+            .and_then(|r| r.max_initial_memory_size)
+            .unwrap_or(0)
+            .saturating_mul(WASM_PAGE_BYTES)
+    }
+
     /// Whether `method` is a callable method of this module.
     pub fn has_method(&self, method: &str) -> bool {
         self.inner.methods.contains_key(method)
@@ -168,6 +182,9 @@ impl Module {
 
 /// Prefix of an export that names a method explicitly (`rpc:read` is the method `read`).
 pub const METHOD_PREFIX: &str = "rpc:";
+
+/// Bytes in a WebAssembly page.
+const WASM_PAGE_BYTES: u64 = 64 << 10;
 
 /// Whether an export name may be called as an RPC method (ABI.md, "Which exports are methods").
 pub fn is_reserved_name(name: &str) -> bool {
