@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod client;
 pub mod config;
 pub mod dispatch;
+pub mod log;
 pub mod metrics;
 pub mod outbound;
 pub mod registry;

@@ -86,7 +86,10 @@ fn init_tracing(default_filter: &str) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if std::env::var("WARREN_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().try_init()
+        builder
+            .json()
+            .fmt_fields(warren::log::JsonSpanFields)
+            .try_init()
     } else {
         builder.try_init()
     };
