@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -546,15 +547,32 @@ impl Dispatcher {
 
     /// Run `work`, sending oslo call-monitor heartbeats every `every` to `key` meanwhile when
     /// the caller asked for them.
-    async fn with_heartbeats<T>(
+    ///
+    /// Not an `async fn`: that would keep `work` twice in its state (as the argument and as
+    /// what it awaits, rust-lang/rust#62958), and the heartbeat loop, which holds a publish
+    /// beside the work, is boxed. Every delivery's task is allocated and copied per message,
+    /// and these two made it three times larger.
+    fn with_heartbeats<'a, T, F>(
+        &'a self,
+        work: F,
+        heartbeat: Option<(Duration, &'a str, &'a str)>,
+        enveloped: bool,
+    ) -> impl std::future::Future<Output = T> + use<'a, T, F>
+    where
+        F: std::future::Future<Output = T> + 'a,
+    {
+        match heartbeat {
+            None => Either::Left(work),
+            Some(heartbeat) => Either::Right(Box::pin(self.heartbeats(work, heartbeat, enveloped))),
+        }
+    }
+
+    async fn heartbeats<T>(
         &self,
         work: impl std::future::Future<Output = T>,
-        heartbeat: Option<(Duration, &str, &str)>,
+        (every, key, msg_id): (Duration, &str, &str),
         enveloped: bool,
     ) -> T {
-        let Some((every, key, msg_id)) = heartbeat else {
-            return work.await;
-        };
         let mut work = std::pin::pin!(work);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
