@@ -251,7 +251,7 @@ impl Dispatcher {
             ) = (settled, settle)
                 && let Ok(mut dedup) = self.dedup.lock()
             {
-                dedup.insert(id);
+                dedup.insert(&id);
             }
         }
         .instrument(span)
@@ -717,9 +717,31 @@ impl Refused {
 
 /// Recently handled `_unique_id`s, oldest evicted first.
 struct Dedup {
-    seen: HashSet<String>,
-    order: VecDeque<String>,
+    seen: HashSet<DedupKey>,
+    order: VecDeque<DedupKey>,
     cap: usize,
+}
+
+/// A `_unique_id` as [`Dedup`] keeps it. oslo's are `uuid.uuid4().hex`, 32 lowercase hex
+/// digits, kept as the number they spell: it is looked up twice per message, and a number
+/// needs no allocation and hashes in half the bytes. Any other id is kept as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DedupKey {
+    Hex(u128),
+    Text(Box<str>),
+}
+
+impl DedupKey {
+    fn of(id: &str) -> Self {
+        // Lowercase only: `ABC…` and `abc…` are different ids and must stay apart.
+        if id.len() == 32
+            && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && let Ok(n) = u128::from_str_radix(id, 16)
+        {
+            return Self::Hex(n);
+        }
+        Self::Text(id.into())
+    }
 }
 
 impl Dedup {
@@ -732,14 +754,18 @@ impl Dedup {
     }
 
     fn contains(&self, id: &str) -> bool {
-        self.seen.contains(id)
+        self.seen.contains(&DedupKey::of(id))
     }
 
-    fn insert(&mut self, id: String) {
-        if self.cap == 0 || !self.seen.insert(id.clone()) {
+    fn insert(&mut self, id: &str) {
+        if self.cap == 0 {
             return;
         }
-        self.order.push_back(id);
+        let key = DedupKey::of(id);
+        if !self.seen.insert(key.clone()) {
+            return;
+        }
+        self.order.push_back(key);
         while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
                 self.seen.remove(&old);
@@ -754,4 +780,50 @@ fn crashed(class: &str) -> bool {
         class,
         class::GUEST_TRAP | class::TIMEOUT | class::MEMORY_LIMIT_EXCEEDED
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn dedup_remembers_the_last_cap_ids_and_forgets_older_ones() {
+        let mut dedup = Dedup::new(2);
+        dedup.insert(A);
+        dedup.insert("not-hex");
+        assert!(dedup.contains(A) && dedup.contains("not-hex"));
+        dedup.insert(A); // already there: not a new entry, evicts nothing
+        assert!(dedup.contains("not-hex"));
+        dedup.insert(B);
+        assert!(!dedup.contains(A), "the oldest is evicted");
+        assert!(dedup.contains("not-hex") && dedup.contains(B));
+    }
+
+    #[test]
+    fn dedup_keeps_ids_apart_that_spell_the_same_number_differently() {
+        let mut dedup = Dedup::new(10);
+        dedup.insert(A);
+        assert!(!dedup.contains(&A.to_uppercase()));
+        assert!(!dedup.contains(&A[1..]), "31 digits");
+        assert!(!dedup.contains(&format!("0{A}")), "33 digits");
+        assert!(!dedup.contains(&format!("+{}", &A[1..])));
+        assert_eq!(
+            DedupKey::of(A),
+            DedupKey::Hex(0x0123456789abcdef0123456789abcdef)
+        );
+        assert_eq!(
+            DedupKey::of(&A.to_uppercase()),
+            DedupKey::Text(A.to_uppercase().into())
+        );
+    }
+
+    #[test]
+    fn dedup_with_no_window_remembers_nothing() {
+        let mut dedup = Dedup::new(0);
+        dedup.insert(A);
+        assert!(!dedup.contains(A));
+    }
 }
