@@ -5,9 +5,10 @@
 //! labelled only if the module exports it (`-` otherwise) and error classes are cut to 64
 //! bytes, so a caller cannot grow the number of series by sending made-up names.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -114,6 +115,22 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
+/// The series every request of a topic touches, looked up once: a family lookup builds its
+/// label set (a `String` per label) and hashes it, which cost more than the rest of the
+/// bookkeeping of a call. Bounded by the configured topics and, per topic, by the methods its
+/// modules export (only those are labelled).
+struct TopicSeries {
+    in_flight: Gauge,
+    held: Gauge,
+    methods: RwLock<HashMap<Box<str>, Arc<MethodSeries>>>,
+}
+
+/// The series of one method's successful calls.
+struct MethodSeries {
+    ok: Counter,
+    duration: Histogram,
+}
+
 /// Every metric of one daemon. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
@@ -123,6 +140,9 @@ pub struct Metrics {
     held: Family<TopicLabels, Gauge>,
     prefetch: Gauge,
     replies: Family<OutcomeLabels, Counter>,
+    /// `replies` by outcome, in [`REPLY_OUTCOMES`] order.
+    reply_series: [Counter; REPLY_OUTCOMES.len()],
+    topics: RwLock<HashMap<Box<str>, Arc<TopicSeries>>>,
     redeliveries: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicReasonLabels, Counter>,
     stale_settles: Counter,
@@ -135,6 +155,9 @@ pub struct Metrics {
     healthy: AtomicBool,
 }
 
+/// What a reply publish can end in, for `warren_replies_total{outcome}`.
+pub const REPLY_OUTCOMES: [&str; 4] = ["confirmed", "returned", "nacked", "failed"];
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -145,13 +168,18 @@ impl Metrics {
     /// A fresh set, all zero, not connected.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("warren");
+        let replies = Family::<OutcomeLabels, Counter>::default();
+        let reply_series =
+            REPLY_OUTCOMES.map(|outcome| replies.get_or_create_owned(&OutcomeLabels { outcome }));
         let m = Metrics {
             requests: Family::default(),
             duration: HistogramFamily::new_with_constructor(duration_histogram),
             in_flight: Family::default(),
             held: Family::default(),
             prefetch: Gauge::default(),
-            replies: Family::default(),
+            replies,
+            reply_series,
+            topics: RwLock::default(),
             redeliveries: Family::default(),
             dead_lettered: Family::default(),
             stale_settles: Counter::default(),
@@ -237,8 +265,55 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Count a request that ended in `outcome`.
+    /// The hot series of `topic`, created on its first request.
+    fn topic(&self, topic: &str) -> Arc<TopicSeries> {
+        if let Some(series) = read(&self.topics).get(topic) {
+            return series.clone();
+        }
+        let labels = TopicLabels {
+            topic: topic.to_owned(),
+        };
+        write(&self.topics)
+            .entry(topic.into())
+            .or_insert_with(|| {
+                Arc::new(TopicSeries {
+                    in_flight: self.in_flight.get_or_create_owned(&labels),
+                    held: self.held.get_or_create_owned(&labels),
+                    methods: RwLock::default(),
+                })
+            })
+            .clone()
+    }
+
+    /// The series of `method`'s successful calls on `topic`.
+    fn method(&self, topic: &str, method: &str) -> Arc<MethodSeries> {
+        let series = self.topic(topic);
+        if let Some(m) = read(&series.methods).get(method) {
+            return m.clone();
+        }
+        let ok = self.requests.get_or_create_owned(&RequestLabels {
+            topic: topic.to_owned(),
+            method: method.to_owned(),
+            outcome: Outcome::Ok.as_str(),
+            class: String::new(),
+        });
+        let duration = self.duration.get_or_create_owned(&MethodLabels {
+            topic: topic.to_owned(),
+            method: method.to_owned(),
+        });
+        write(&series.methods)
+            .entry(method.into())
+            .or_insert_with(|| Arc::new(MethodSeries { ok, duration }))
+            .clone()
+    }
+
+    /// Count a request that ended in `outcome`. `method` must be a label already bounded (an
+    /// exported method, or `-`).
     pub fn request(&self, topic: &str, method: &str, outcome: Outcome, class: &str) {
+        if outcome == Outcome::Ok && class.is_empty() {
+            self.method(topic, method).ok.inc();
+            return;
+        }
         let class = crate::wire::truncate(class, 64);
         self.requests
             .get_or_create(&RequestLabels {
@@ -250,28 +325,19 @@ impl Metrics {
             .inc();
     }
 
-    /// Record an invocation's wall time.
+    /// Record an invocation's wall time (`method` is exported by the handler's module).
     pub fn invocation(&self, topic: &str, method: &str, seconds: f64) {
-        self.duration
-            .get_or_create(&MethodLabels {
-                topic: topic.to_owned(),
-                method: method.to_owned(),
-            })
-            .observe(seconds);
+        self.method(topic, method).duration.observe(seconds);
     }
 
     /// Track one running invocation until the guard drops.
     pub fn running(self: &Arc<Self>, topic: &str) -> GaugeGuard {
-        GaugeGuard::new(self.in_flight.get_or_create_owned(&TopicLabels {
-            topic: topic.to_owned(),
-        }))
+        GaugeGuard::new(self.topic(topic).in_flight.clone())
     }
 
     /// Track one unsettled delivery until the guard drops.
     pub fn holding(self: &Arc<Self>, topic: &str) -> GaugeGuard {
-        GaugeGuard::new(self.held.get_or_create_owned(&TopicLabels {
-            topic: topic.to_owned(),
-        }))
+        GaugeGuard::new(self.topic(topic).held.clone())
     }
 
     /// The configured prefetch.
@@ -281,7 +347,10 @@ impl Metrics {
 
     /// Count a reply publish outcome: `confirmed`, `returned`, `nacked` or `failed`.
     pub fn reply(&self, outcome: &'static str) {
-        self.replies.get_or_create(&OutcomeLabels { outcome }).inc();
+        match REPLY_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => self.reply_series[i].inc(),
+            None => self.replies.get_or_create(&OutcomeLabels { outcome }).inc(),
+        };
     }
 
     /// Count a redelivered message.
@@ -371,6 +440,16 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A lock poisoned by a panicking writer still holds a consistent map (inserts are whole), so
+/// metrics keep counting.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Decrements its gauge when dropped, however the work it tracks ends.
@@ -465,4 +544,135 @@ fn respond<B>(
             .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the series whose line starts with `series` (labels included), if shown.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn successful_requests_count_per_topic_and_method_through_the_cached_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.request("a", "echo", Outcome::Ok, "");
+        }
+        m.request("a", "add", Outcome::Ok, "");
+        m.request("b", "echo", Outcome::Ok, "");
+        m.request("a", "echo", Outcome::Error, "ValueError");
+        m.request("a", "-", Outcome::Rejected, "");
+        let text = m.encode();
+        let ok = |t: &str, method: &str| {
+            value(
+                &text,
+                &format!(
+                    "warren_requests_total{{topic=\"{t}\",method=\"{method}\",outcome=\"ok\",class=\"\"}}"
+                ),
+            )
+        };
+        assert_eq!(ok("a", "echo"), Some(3.0), "{text}");
+        assert_eq!(ok("a", "add"), Some(1.0), "{text}");
+        assert_eq!(ok("b", "echo"), Some(1.0), "{text}");
+        assert_eq!(
+            value(
+                &text,
+                "warren_requests_total{topic=\"a\",method=\"echo\",outcome=\"error\",class=\"ValueError\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "warren_requests_total{topic=\"a\",method=\"-\",outcome=\"rejected\",class=\"\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn invocation_durations_land_in_their_method_histogram() {
+        let m = Metrics::new();
+        m.invocation("a", "echo", 0.000_2);
+        m.invocation("a", "echo", 0.3);
+        m.invocation("a", "add", 0.000_01);
+        let text = m.encode();
+        let count = |method: &str| {
+            value(
+                &text,
+                &format!(
+                    "warren_invocation_duration_seconds_count{{topic=\"a\",method=\"{method}\"}}"
+                ),
+            )
+        };
+        assert_eq!(count("echo"), Some(2.0), "{text}");
+        assert_eq!(count("add"), Some(1.0), "{text}");
+        assert_eq!(
+            value(
+                &text,
+                "warren_invocation_duration_seconds_bucket{le=\"0.00025\",topic=\"a\",method=\"echo\"}"
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn gauges_follow_their_guards_per_topic() {
+        let m = Arc::new(Metrics::new());
+        let held = |m: &Metrics, t: &str| {
+            value(
+                &m.encode(),
+                &format!("warren_deliveries_held{{topic=\"{t}\"}}"),
+            )
+        };
+        let running = |m: &Metrics, t: &str| {
+            value(
+                &m.encode(),
+                &format!("warren_invocations_in_flight{{topic=\"{t}\"}}"),
+            )
+        };
+        let h1 = m.holding("a");
+        let h2 = m.holding("a");
+        let h3 = m.holding("b");
+        let r1 = m.running("a");
+        assert_eq!(held(&m, "a"), Some(2.0));
+        assert_eq!(held(&m, "b"), Some(1.0));
+        assert_eq!(running(&m, "a"), Some(1.0));
+        drop((h1, r1));
+        assert_eq!(held(&m, "a"), Some(1.0));
+        assert_eq!(running(&m, "a"), Some(0.0));
+        drop((h2, h3));
+        assert_eq!(held(&m, "a"), Some(0.0));
+        assert_eq!(held(&m, "b"), Some(0.0));
+    }
+
+    #[test]
+    fn every_reply_outcome_is_shown_from_the_start_and_counted_apart() {
+        let m = Metrics::new();
+        let replies = |m: &Metrics, o: &str| {
+            value(
+                &m.encode(),
+                &format!("warren_replies_total{{outcome=\"{o}\"}}"),
+            )
+        };
+        for o in REPLY_OUTCOMES {
+            assert_eq!(replies(&m, o), Some(0.0), "{o}");
+        }
+        m.reply("confirmed");
+        m.reply("confirmed");
+        m.reply("returned");
+        m.reply("failed");
+        assert_eq!(replies(&m, "confirmed"), Some(2.0));
+        assert_eq!(replies(&m, "returned"), Some(1.0));
+        assert_eq!(replies(&m, "nacked"), Some(0.0));
+        assert_eq!(replies(&m, "failed"), Some(1.0));
+    }
 }
