@@ -3,12 +3,11 @@
 
 use std::sync::Weak;
 
-use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::dispatch::{Dispatcher, Service};
+use crate::dispatch::{Answer, Dispatcher, Service};
 use crate::registry::Reloaded;
-use crate::runtime::{Failure, class};
+use crate::runtime::{Failure, Spent, class};
 use crate::server::Daemon;
 use crate::wire::Request;
 
@@ -32,19 +31,20 @@ impl Service for Admin {
         None
     }
 
-    fn method_label<'a>(&self, method: &'a str) -> &'a str {
+    fn method_label<'a>(&self, (): &(), method: &'a str) -> &'a str {
         match method {
             "status" | "reload" | "rollback" => method,
             _ => "-",
         }
     }
 
-    async fn serve(
-        &self,
-        _: &Dispatcher,
-        (): &(),
-        request: &Request,
-    ) -> Result<Vec<Box<RawValue>>, Failure> {
+    async fn serve(&self, _: &Dispatcher, (): &(), request: &Request) -> (Answer, Spent) {
+        (self.answer(request).await, Spent::none())
+    }
+}
+
+impl Admin {
+    async fn answer(&self, request: &Request) -> Answer {
         let Some(daemon) = self.daemon.upgrade() else {
             return Err(Failure::new(class::OVERLOADED, "daemon is shutting down"));
         };

@@ -572,6 +572,21 @@ impl Publisher {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<Published, AmqpError> {
+        self.publish_then(exchange, key, body, options, || ()).await
+    }
+
+    /// [`Publisher::publish`], running `sent` as soon as the message is queued on the
+    /// connection (or refused), without waiting for it to be written or confirmed: work that
+    /// should not delay the message. If the message is refused before that (a name too long),
+    /// `sent` is dropped unrun.
+    pub async fn publish_then(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        options: &PublishOptions,
+        sent: impl FnOnce(),
+    ) -> Result<Published, AmqpError> {
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
@@ -597,15 +612,27 @@ impl Publisher {
             mandatory: options.mandatory,
             ..Default::default()
         };
-        let confirm = self
-            .channel
-            .inner
-            .basic_publish(short(exchange)?, short(key)?, publish, body, props)
-            .await
-            .map_err(|source| AmqpError::Broker {
-                context: format!("cannot publish to '{exchange}' with key '{key}'"),
-                source,
-            })?;
+        let (exchange_name, key_name) = (short(exchange)?, short(key)?);
+        let mut publishing = std::pin::pin!(self.channel.inner.basic_publish(
+            exchange_name,
+            key_name,
+            publish,
+            body,
+            props
+        ));
+        // The first poll queues the frames for the connection's writer; what is left is waiting
+        // for it to write them. `sent` runs in between, overlapping that wait, and never waits
+        // on the broker itself (a blocked connection, say).
+        let first = futures_util::poll!(publishing.as_mut());
+        sent();
+        let confirm = match first {
+            std::task::Poll::Ready(confirm) => confirm,
+            std::task::Poll::Pending => publishing.await,
+        }
+        .map_err(|source| AmqpError::Broker {
+            context: format!("cannot publish to '{exchange}' with key '{key}'"),
+            source,
+        })?;
         let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
             .await
             .map_err(|_| AmqpError::ConfirmTimeout(CONFIRM_TIMEOUT))?

@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
 use crate::metrics::{Metrics, Outcome};
 use crate::registry::{Handler, Version};
-use crate::runtime::{Failure, Runtime, class};
+use crate::runtime::{Failure, Runtime, Spent, class};
 use crate::wire::{self, RemoteError, Request, truncate};
 
 /// How long a reply waits for a publisher while the daemon reconnects. The request is requeued
@@ -44,6 +44,9 @@ pub const POISON_CLASS: &str = "PoisonMessage";
 /// Context key carrying the AMQP `user_id` property, which RabbitMQ validates.
 pub const USER_ID_KEY: &str = crate::runtime::CONTEXT_USER_ID;
 
+/// The results of a request, or why there are none.
+pub type Answer = Result<Vec<Box<RawValue>>, Failure>;
+
 /// What answers the requests of one queue: a Wasm handler, or the daemon's admin topic.
 pub trait Service: Send + Sync {
     /// What one request runs on, taken once as it is admitted (a handler's current version),
@@ -55,15 +58,17 @@ pub trait Service: Send + Sync {
     fn snapshot(&self) -> Self::Snapshot;
     /// The snapshot's version number, for logs.
     fn version(snapshot: &Self::Snapshot) -> Option<u64>;
-    /// Produce the results (or the failure) for a decoded request.
+    /// Produce the results (or the failure) for a decoded request, and the sandbox they came
+    /// from, dropped once they are sent.
     fn serve(
         &self,
         dispatcher: &Dispatcher,
         snapshot: &Self::Snapshot,
         request: &Request,
-    ) -> impl std::future::Future<Output = Result<Vec<Box<RawValue>>, Failure>> + Send;
-    /// `method` as a metric label: itself if callable, `-` otherwise (labels must stay few).
-    fn method_label<'a>(&self, method: &'a str) -> &'a str;
+    ) -> impl std::future::Future<Output = (Answer, Spent)> + Send;
+    /// `method` as a metric label: itself if `snapshot` can call it, `-` otherwise (labels
+    /// must stay few).
+    fn method_label<'a>(&self, snapshot: &Self::Snapshot, method: &'a str) -> &'a str;
 }
 
 impl Service for Handler {
@@ -81,8 +86,8 @@ impl Service for Handler {
         Some(snapshot.id)
     }
 
-    fn method_label<'a>(&self, method: &'a str) -> &'a str {
-        if self.current().module.has_method(method) {
+    fn method_label<'a>(&self, version: &Arc<Version>, method: &'a str) -> &'a str {
+        if version.module.has_method(method) {
             method
         } else {
             "-"
@@ -94,10 +99,10 @@ impl Service for Handler {
         dispatcher: &Dispatcher,
         version: &Arc<Version>,
         request: &Request,
-    ) -> Result<Vec<Box<RawValue>>, Failure> {
+    ) -> (Answer, Spent) {
         let _running = dispatcher.metrics.running(&self.topic);
         let started = Instant::now();
-        let outcome = dispatcher.invoke(self, &version.module, request).await;
+        let (outcome, spent) = dispatcher.invoke(self, &version.module, request).await;
         if version.module.has_method(&request.method) {
             dispatcher.metrics.invocation(
                 &self.topic,
@@ -106,7 +111,7 @@ impl Service for Handler {
             );
         }
         self.stats.record(outcome.is_ok());
-        outcome
+        (outcome, spent)
     }
 }
 
@@ -188,17 +193,36 @@ impl Dispatcher {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<Published, AmqpError> {
+        self.publish_then(exchange, key, body, options, Spent::none())
+            .await
+    }
+
+    /// [`Dispatcher::publish`], dropping `spent` as soon as the message is on its way.
+    async fn publish_then(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        options: &PublishOptions,
+        spent: Spent,
+    ) -> Result<Published, AmqpError> {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        let mut spent = Some(spent);
         let link = loop {
             let changed = self.link_changed.notified();
             if let Some(link) = self.link.load_full().filter(|l| !l.lost.is_cancelled()) {
                 break link;
             }
+            // A spent sandbox holds a pool slot; it must not wait out a reconnection.
+            drop(spent.take());
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(AmqpError::NotConnected(LINK_WAIT));
             }
         };
-        let published = link.publisher.publish(exchange, key, body, options).await;
+        let published = link
+            .publisher
+            .publish_then(exchange, key, body, options, || drop(spent))
+            .await;
         if let Err(AmqpError::Broker { .. }) = &published {
             link.lost.cancel();
         }
@@ -306,7 +330,7 @@ impl Dispatcher {
             self.metrics.request(topic, "-", Outcome::Duplicate, "");
             return Settle::Ack { unique_id: None };
         }
-        let method = service.method_label(&request.method);
+        let method = service.method_label(snapshot, &request.method);
 
         let deliveries = self.deliveries(topic, delivery);
         if deliveries > self.max_deliveries {
@@ -315,7 +339,7 @@ impl Dispatcher {
             return self.poison(topic, delivery, &request, deliveries).await;
         }
 
-        let outcome = service.serve(self, snapshot, &request).await;
+        let (outcome, spent) = service.serve(self, snapshot, &request).await;
         match &outcome {
             Ok(_) => self.metrics.request(topic, method, Outcome::Ok, ""),
             Err(f) => {
@@ -344,7 +368,7 @@ impl Dispatcher {
             self.metrics.dead_lettered(topic, "crashed_cast");
         }
         if request.wants_reply()
-            && let Err(e) = self.reply(&request, outcome).await
+            && let Err(e) = self.reply(&request, outcome, spent).await
         {
             error!(error = %e, "reply could not be published; request requeued");
             return Settle::Requeue;
@@ -396,7 +420,7 @@ impl Dispatcher {
         self.metrics.dead_lettered(topic, "poison");
         if request.wants_reply() {
             let failure = Failure::new(POISON_CLASS, reason);
-            if let Err(e) = self.reply(request, Err(failure)).await {
+            if let Err(e) = self.reply(request, Err(failure), Spent::none()).await {
                 warn!(error = %e, "failure reply for a poison message not sent");
             }
         }
@@ -459,7 +483,20 @@ impl Dispatcher {
         handler: &Handler,
         module: &crate::runtime::Module,
         request: &Request,
-    ) -> Result<Vec<Box<RawValue>>, Failure> {
+    ) -> (Answer, Spent) {
+        match self.invoke_keeping(handler, module, request).await {
+            Ok((answer, spent)) => (answer, spent),
+            Err(failure) => (Err(failure), Spent::none()),
+        }
+    }
+
+    /// [`Dispatcher::invoke`], failing early (`Err`) where no sandbox was made.
+    async fn invoke_keeping(
+        &self,
+        handler: &Handler,
+        module: &crate::runtime::Module,
+        request: &Request,
+    ) -> Result<(Answer, Spent), Failure> {
         if !module.has_method(&request.method) {
             return Err(Failure::new(
                 class::NO_SUCH_METHOD,
@@ -489,16 +526,17 @@ impl Dispatcher {
             .map(|((every, key), msg_id)| (every, key, msg_id));
         if let (Some(sender), Some(_)) = (&self.outbound, &limits.rpc) {
             let work = self.invoke_blocking(module, request, context, limits, sender, permit);
-            return self
+            let answer = self
                 .with_heartbeats(work, heartbeat, request.enveloped)
                 .await;
+            return Ok((answer, Spent::none()));
         }
         // The hot path: no thread hop. The guest's fiber yields at every epoch tick, so even a
         // long invocation holds this worker for one tick at a time.
         let _permit = permit;
         let work =
             self.runtime
-                .invoke_async(module, &request.method, &request.args, context, limits);
+                .invoke_keeping(module, &request.method, &request.args, context, limits);
         // A panic in the runtime fails this request with a reply, as a crashed blocking task
         // would, rather than unwinding through the delivery.
         let work = std::panic::AssertUnwindSafe(work).catch_unwind();
@@ -506,7 +544,7 @@ impl Dispatcher {
             .with_heartbeats(work, heartbeat, request.enveloped)
             .await
         {
-            Ok(outcome) => outcome,
+            Ok(kept) => Ok(kept),
             Err(_) => Err(Failure::new(class::INTERNAL, "invocation panicked")),
         }
     }
@@ -588,10 +626,13 @@ impl Dispatcher {
         }
     }
 
+    /// Publish the reply (or replies) to `request`; `spent` is dropped as soon as the first
+    /// is on its way, so that resetting the sandbox does not delay the caller.
     async fn reply(
         &self,
         request: &Request,
-        outcome: Result<Vec<Box<RawValue>>, Failure>,
+        outcome: Answer,
+        spent: Spent,
     ) -> Result<(), AmqpError> {
         let Some(key) = request.reply_routing_key() else {
             return Ok(());
@@ -604,8 +645,12 @@ impl Dispatcher {
                 .into_iter()
                 .collect(),
         };
+        let mut spent = Some(spent);
         for body in bodies {
-            let published = self.publish("", key, &body, &reply_options()).await;
+            let spent = spent.take().unwrap_or_else(Spent::none);
+            let published = self
+                .publish_then("", key, &body, &reply_options(), spent)
+                .await;
             match published {
                 Ok(Published::Confirmed) => self.metrics.reply("confirmed"),
                 Ok(Published::Returned { code, text }) => {

@@ -593,3 +593,42 @@ fn rpc_prefixed_exports_name_methods_and_win_over_plain_ones() {
         "NoSuchMethod"
     );
 }
+
+/// `invoke_keeping` hands back the spent sandbox, which holds its pool slot until dropped (the
+/// dispatcher drops it once the reply is queued): with one slot, a second invocation while the
+/// first sandbox is kept is refused as `Overloaded`, and succeeds once it is dropped. Nothing
+/// of the first call shows in the second.
+#[test]
+fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
+    let rt = Runtime::new(&EngineSettings {
+        max_instances: 1,
+        ..EngineSettings::small()
+    })
+    .expect("runtime");
+    let echo = load(&rt, "echo", &std::fs::read(plugin("echo")).expect("read"));
+    let executor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("executor");
+    executor.block_on(async {
+        let ctx: Arc<[u8]> = Arc::from(&b"{}"[..]);
+        let first = parse_args(r#"{"value": "first"}"#).expect("args");
+        let (answer, spent) = rt
+            .invoke_keeping(&echo, "echo", &first, ctx.clone(), &Limits::DEFAULT)
+            .await;
+        assert_eq!(answer.expect("first call")[0].get(), r#""first""#);
+
+        let second = parse_args(r#"{"value": "second"}"#).expect("args");
+        let (refused, _) = rt
+            .invoke_keeping(&echo, "echo", &second, ctx.clone(), &Limits::DEFAULT)
+            .await;
+        let err = refused.expect_err("the only slot is still held");
+        assert_eq!(err.class, "Overloaded", "{err}");
+
+        drop(spent);
+        let (answer, _) = rt
+            .invoke_keeping(&echo, "echo", &second, ctx, &Limits::DEFAULT)
+            .await;
+        assert_eq!(answer.expect("slot free again")[0].get(), r#""second""#);
+    });
+}

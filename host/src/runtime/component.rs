@@ -255,58 +255,52 @@ impl Runtime {
         }
         Ok(loaded)
     }
+}
 
-    /// Run one method of a component in a fresh sandbox (see [`Runtime::invoke_async`]).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn invoke_component(
-        &self,
-        module: &Module,
+impl Sandbox {
+    /// Run one method of a component in this fresh sandbox (see [`Runtime::invoke_async`]).
+    pub(super) async fn call_component(
+        &mut self,
         method: &str,
         args: &RawValue,
-        context: Arc<[u8]>,
         limits: &super::Limits,
-        outbound: Option<Arc<dyn super::Outbound>>,
-        yields: bool,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
-        let Code::Component(code) = &module.inner.code else {
+        let Code::Component(code) = &self.module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a component"));
         };
-        let context_text = std::str::from_utf8(&context)
+        let pre = code.pre.clone();
+        let context_text = std::str::from_utf8(&self.store.data().context)
             .map_err(|_| Failure::new(class::INVALID_ARGS, "context is not UTF-8"))?
             .to_owned();
-        let mut sandbox = self.sandbox(module, Vec::new(), context, limits, yields);
-        sandbox.store.data_mut().outbound.sender = outbound;
-        let instance = match code.pre.instantiate_async(&mut sandbox.store).await {
+        let instance = match pre.instantiate_async(&mut self.store).await {
             Ok(instance) => instance,
-            Err(e) => return Err(sandbox.classify(e, "instantiation")),
+            Err(e) => return Err(self.classify(e, "instantiation")),
         };
         let called = instance
             .warren_handler_handler()
-            .call_call(&mut sandbox.store, method, args.get(), &context_text)
+            .call_call(&mut self.store, method, args.get(), &context_text)
             .await;
         let returned = match called {
             Ok(returned) => returned,
-            Err(e) => return Err(sandbox.classify(e, "call")),
+            Err(e) => return Err(self.classify(e, "call")),
         };
         match returned {
             Ok(Some(json)) => {
-                if let Err(failure) = sandbox.store.data_mut().push_output(json.as_bytes()) {
-                    sandbox.finish(0)?;
+                if let Err(failure) = self.store.data_mut().push_output(json.as_bytes()) {
+                    self.finish(0)?;
                     return Err(failure);
                 }
-                sandbox.finish(0)
+                self.finish(0)
             }
-            Ok(None) => sandbox.finish(0),
+            Ok(None) => self.finish(0),
             Err(error) => {
                 let failure = guest_failure(error, limits.max_result_bytes);
-                sandbox.finish(0)?;
+                self.finish(0)?;
                 Err(failure)
             }
         }
     }
-}
 
-impl Sandbox {
     async fn component_methods(&mut self) -> Result<Vec<String>, Failure> {
         let Code::Component(code) = &self.module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a component"));

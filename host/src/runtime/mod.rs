@@ -403,7 +403,7 @@ impl Runtime {
         limits: &Limits,
         outbound: Option<Arc<dyn Outbound>>,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
-        block_on(self.run(module, method, args, context, limits, outbound, false))
+        block_on(self.run(module, method, args, context, limits, outbound, false)).0
     }
 
     /// [`Runtime::invoke`] for async callers: the guest runs in the awaiting task and yields
@@ -420,6 +420,23 @@ impl Runtime {
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         self.run(module, method, args, context, limits, None, true)
             .await
+            .0
+    }
+
+    /// [`Runtime::invoke_async`], handing back the spent sandbox with the results. Dropping a
+    /// sandbox resets its memory, the larger part of a small invocation's cost; a caller that
+    /// drops it once the results are on their way (a reply published) takes that off the
+    /// caller's wait. It is never run again.
+    pub async fn invoke_keeping(
+        &self,
+        module: &Module,
+        method: &str,
+        args: &RawValue,
+        context: Arc<[u8]>,
+        limits: &Limits,
+    ) -> (Result<Vec<Box<RawValue>>, Failure>, Spent) {
+        self.run(module, method, args, context, limits, None, true)
+            .await
     }
 
     /// One invocation; `yields` says whether the guest gives its thread back at each epoch
@@ -434,31 +451,31 @@ impl Runtime {
         limits: &Limits,
         outbound: Option<Arc<dyn Outbound>>,
         yields: bool,
-    ) -> Result<Vec<Box<RawValue>>, Failure> {
+    ) -> (Result<Vec<Box<RawValue>>, Failure>, Spent) {
         let export = match module.inner.methods.get(method) {
-            Some(Method::Core(export)) => export,
-            Some(Method::Component) => {
-                check_args(args)?;
-                check_args_size(args, limits)?;
-                return self
-                    .invoke_component(module, method, args, context, limits, outbound, yields)
-                    .await;
-            }
-            None => return Err(no_such_method(module, method)),
+            Some(Method::Core(export)) => Some(export),
+            Some(Method::Component) => None,
+            None => return (Err(no_such_method(module, method)), Spent::none()),
         };
-        check_args(args)?;
-        check_args_size(args, limits)?;
-        let mut sandbox = self.sandbox(
-            module,
-            args.get().as_bytes().to_vec(),
-            context,
-            limits,
-            yields,
-        );
+        if let Err(f) = check_args(args).and_then(|()| check_args_size(args, limits)) {
+            return (Err(f), Spent::none());
+        }
+        let input = match export {
+            Some(_) => args.get().as_bytes().to_vec(),
+            None => Vec::new(),
+        };
+        let mut sandbox = self.sandbox(module, input, context, limits, yields);
         sandbox.store.data_mut().outbound.sender = outbound;
-        let instance = sandbox.start().await?;
-        let status = sandbox.call_i32(&instance, export).await?;
-        sandbox.finish(status)
+        let outcome = match export {
+            Some(export) => sandbox.call_core(export).await,
+            None => sandbox.call_component(method, args, limits).await,
+        };
+        (
+            outcome,
+            Spent {
+                _sandbox: Some(sandbox),
+            },
+        )
     }
 
     fn sandbox(
@@ -527,7 +544,22 @@ impl Runtime {
     }
 }
 
-/// One invocation's store and captured output. Dropped at the end of the invocation.
+/// A finished invocation's sandbox, held only to be dropped (see [`Runtime::invoke_keeping`]).
+/// Dropping it resets the guest's memory and returns its slot to the pool.
+#[must_use = "dropping a spent sandbox is what frees its pool slot; drop it once the results are sent"]
+pub struct Spent {
+    _sandbox: Option<Sandbox>,
+}
+
+impl Spent {
+    /// Nothing to drop (an invocation that never got a sandbox).
+    pub fn none() -> Self {
+        Self { _sandbox: None }
+    }
+}
+
+/// One invocation's store and captured output. It serves that invocation only and is dropped
+/// after it (by the runtime, or by whoever holds the [`Spent`] it became).
 struct Sandbox {
     store: Store<State>,
     module: Module,
@@ -536,6 +568,13 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// Instantiate, run `export`, and collect what the guest emitted.
+    async fn call_core(&mut self, export: &ModuleExport) -> Result<Vec<Box<RawValue>>, Failure> {
+        let instance = self.start().await?;
+        let status = self.call_i32(&instance, export).await?;
+        self.finish(status)
+    }
+
     async fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
         let Code::Core { pre, initialize } = &self.module.inner.code else {
             return Err(Failure::new(class::INTERNAL, "not a core module"));
@@ -593,7 +632,7 @@ impl Sandbox {
         }
     }
 
-    fn finish(mut self, status: i32) -> Result<Vec<Box<RawValue>>, Failure> {
+    fn finish(&mut self, status: i32) -> Result<Vec<Box<RawValue>>, Failure> {
         self.flush_stdio(None);
         let state = self.store.data_mut();
         if state.logs_dropped > 0 {
