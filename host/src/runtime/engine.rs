@@ -11,9 +11,10 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// a fraction of the shortest sensible timeout keeps it precise without waking too often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 
-/// Bytes of each memory slot reset in place instead of decommitted. Covers a Rust guest's 1 MiB
-/// stack, its data and a modest heap; only pages actually touched are reset when the kernel
-/// supports PAGEMAP_SCAN, so a large value does not mean a large memset.
+/// Bytes of each memory slot reset in place instead of decommitted. Covers a Rust guest's
+/// stack (128 KiB as the repository builds guests, Rust's default is 1 MiB), its data and a
+/// modest heap; only pages actually touched are reset when the kernel supports PAGEMAP_SCAN,
+/// so a large value does not mean a large memset.
 const KEEP_RESIDENT: usize = 2 << 20;
 
 /// Engine-wide settings, fixed for the life of the process.
