@@ -632,3 +632,52 @@ fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
         assert_eq!(answer.expect("slot free again")[0].get(), r#""second""#);
     });
 }
+
+/// An idle runtime's epoch ticker sleeps instead of waking 500 times a second, and the next
+/// invocation wakes it (it does not wait for the sleeping ticker to notice): a spinning guest
+/// started after the ticker fell asleep still times out on time.
+#[test]
+fn an_idle_ticker_sleeps_and_the_next_invocation_wakes_it() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "hostile",
+        &wat(&format!(
+            r#"{ECHO_ARGS}
+  (func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#
+        )),
+    );
+    let wait_idle = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !rt.epoch_ticker_idle() {
+            assert!(
+                Instant::now() < deadline,
+                "the ticker never went idle with nothing running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_idle();
+    assert_eq!(
+        call(&rt, &m, "echo_args", r#"{"a":1}"#).expect("echo"),
+        [r#"{"a":1}"#]
+    );
+    assert!(
+        !rt.epoch_ticker_idle(),
+        "an invocation of a few microseconds left the ticker asleep"
+    );
+
+    wait_idle();
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..Limits::DEFAULT
+    };
+    let started = Instant::now();
+    let err = call_with(&rt, &m, "spin", "{}", "{}", &limits).expect_err("must time out");
+    let took = started.elapsed();
+    assert_eq!(err.class, "Timeout", "{err}");
+    assert!(
+        took < Duration::from_millis(300) + Duration::from_millis(250),
+        "timed out only after {took:?}"
+    );
+}

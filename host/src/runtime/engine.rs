@@ -103,37 +103,106 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
     }
 }
 
+/// How long the pool must have been empty before the ticker slows down.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// How often an idle ticker looks again, should an invocation start without waking it (a race
+/// it can lose); this bounds how late such an invocation's first tick can be.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+
 /// Advances the engine's epoch from a dedicated OS thread. A tokio task would share a worker
 /// with the guests it is meant to stop and could be starved by one of them (wado PR #1146).
+///
+/// It ticks every [`EPOCH_TICK`] while any instance is alive. Once the pool has been empty for
+/// [`IDLE_AFTER`] it sleeps instead (an idle daemon would otherwise wake 500 times a second),
+/// and [`EpochTicker::wake`], called as every invocation starts, brings it back. With the
+/// on-demand allocator there is no count of live instances, so it always ticks.
 pub struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    idle: AtomicBool,
 }
 
 impl EpochTicker {
     /// Start ticking `engine` every [`EPOCH_TICK`].
     pub fn start(engine: Engine) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+        });
+        let state = shared.clone();
         let thread = std::thread::Builder::new()
             .name("warren-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })?;
+            .spawn(move || tick(&engine, &state))?;
         Ok(Self {
-            stop,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// Make sure the ticker ticks: called before an instance is created. Costs one load
+    /// unless the ticker is idle.
+    pub fn wake(&self) {
+        if self.shared.idle.load(Ordering::Relaxed)
+            && self.shared.idle.swap(false, Ordering::SeqCst)
+            && let Some(thread) = &self.thread
+        {
+            thread.thread().unpark();
+        }
+    }
+
+    /// Whether the ticker is asleep (the pool has been empty a while).
+    pub fn is_idle(&self) -> bool {
+        self.shared.idle.load(Ordering::SeqCst)
+    }
+}
+
+fn tick(engine: &Engine, shared: &Shared) {
+    let pool = engine.pooling_allocator_metrics();
+    let live = |p: &wasmtime::PoolingAllocatorMetrics| {
+        p.core_instances() + p.component_instances() + p.stacks() as u64
+    };
+    let idle_ticks = u32::try_from(IDLE_AFTER.as_millis() / EPOCH_TICK.as_millis()).unwrap_or(1);
+    let mut empty_for = 0u32;
+    while !shared.stop.load(Ordering::Relaxed) {
+        if shared.idle.load(Ordering::SeqCst) {
+            std::thread::park_timeout(IDLE_TICK);
+            if pool.as_ref().is_some_and(|p| live(p) > 0) {
+                shared.idle.store(false, Ordering::SeqCst);
+            }
+            if shared.idle.load(Ordering::SeqCst) {
+                continue;
+            }
+            empty_for = 0;
+        } else {
+            std::thread::sleep(EPOCH_TICK);
+        }
+        engine.increment_epoch();
+        match &pool {
+            Some(p) if live(p) == 0 => empty_for += 1,
+            _ => empty_for = 0,
+        }
+        if empty_for >= idle_ticks {
+            shared.idle.store(true, Ordering::SeqCst);
+            // An invocation that started between the count and the store would find the
+            // ticker asleep without waking it: look once more.
+            if pool.as_ref().is_some_and(|p| live(p) > 0) {
+                shared.idle.store(false, Ordering::SeqCst);
+            }
+            empty_for = 0;
+        }
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }

@@ -233,10 +233,16 @@ pub struct Runtime {
     linker: Linker<State>,
     component_linker: wasmtime::component::Linker<State>,
     allocator: Allocator,
-    _ticker: engine::EpochTicker,
+    ticker: engine::EpochTicker,
 }
 
 impl Runtime {
+    /// Whether the epoch ticker sleeps because no instance has been alive for a while (see
+    /// [`engine::EpochTicker`]); the next invocation wakes it.
+    pub fn epoch_ticker_idle(&self) -> bool {
+        self.ticker.is_idle()
+    }
+
     /// Build the runtime. Fails only if no engine can be built or the ticker thread cannot start.
     pub fn new(settings: &EngineSettings) -> anyhow::Result<Self> {
         let (engine, allocator) = engine::build_engine(settings)?;
@@ -254,7 +260,7 @@ impl Runtime {
             linker,
             component_linker,
             allocator,
-            _ticker: ticker,
+            ticker,
         })
     }
 
@@ -486,6 +492,7 @@ impl Runtime {
         limits: &Limits,
         yields: bool,
     ) -> Sandbox {
+        self.ticker.wake();
         // One deadline for the guest's code and its outbound requests' waits.
         let deadline = Instant::now() + limits.timeout;
         let state = State {
