@@ -477,7 +477,8 @@ impl Dispatcher {
 
     /// Run the request's method on `module` in a sandbox: in this task, yielding the worker at
     /// every epoch tick, or, for a guest granted outbound RPC (whose requests block until
-    /// answered), on a blocking thread.
+    /// answered), on a blocking thread. Hands back the spent sandbox of the first kind, for
+    /// the caller to drop once the reply is on its way; the second drops its own there.
     pub async fn invoke(
         &self,
         handler: &Handler,
