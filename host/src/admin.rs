@@ -6,6 +6,7 @@ use std::sync::Weak;
 use serde_json::{Value, json};
 
 use crate::dispatch::{Answer, Dispatcher, Service};
+use crate::metrics::TopicSeries;
 use crate::registry::Reloaded;
 use crate::runtime::{Failure, Spent, class};
 use crate::server::Daemon;
@@ -38,7 +39,13 @@ impl Service for Admin {
         }
     }
 
-    async fn serve(&self, _: &Dispatcher, (): &(), request: &Request) -> (Answer, Spent) {
+    async fn serve(
+        &self,
+        _: &Dispatcher,
+        (): &(),
+        request: &Request,
+        _: &TopicSeries,
+    ) -> (Answer, Spent) {
         (self.answer(request).await, Spent::none())
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, TopicSeries};
 use crate::registry::{Handler, Version};
 use crate::runtime::{Failure, Runtime, Spent, class};
 use crate::wire::{self, RemoteError, Request, truncate};
@@ -65,6 +65,7 @@ pub trait Service: Send + Sync {
         dispatcher: &Dispatcher,
         snapshot: &Self::Snapshot,
         request: &Request,
+        series: &TopicSeries,
     ) -> impl std::future::Future<Output = (Answer, Spent)> + Send;
     /// `method` as a metric label: itself if `snapshot` can call it, `-` otherwise (labels
     /// must stay few).
@@ -99,16 +100,13 @@ impl Service for Handler {
         dispatcher: &Dispatcher,
         version: &Arc<Version>,
         request: &Request,
+        series: &TopicSeries,
     ) -> (Answer, Spent) {
-        let _running = dispatcher.metrics.running(&self.topic);
+        let _running = series.running();
         let started = Instant::now();
         let (outcome, spent) = dispatcher.invoke(self, &version.module, request).await;
         if version.module.has_method(&request.method) {
-            dispatcher.metrics.invocation(
-                &self.topic,
-                &request.method,
-                started.elapsed().as_secs_f64(),
-            );
+            series.invocation(&request.method, started.elapsed().as_secs_f64());
         }
         self.stats.record(outcome.is_ok());
         (outcome, spent)
@@ -234,7 +232,8 @@ impl Dispatcher {
     pub async fn handle<S: Service>(&self, service: &S, delivery: &Delivery) {
         let tag = delivery.tag();
         let topic = service.topic();
-        let _held = self.metrics.holding(topic);
+        let series = self.metrics.topic(topic);
+        let _held = series.holding();
         // Every line logged for this delivery carries the span's fields. The log layer formats
         // them when the span is created and again, whole, whenever one is recorded later (the
         // JSON layer re-parses what it had), so the span is created once the request is
@@ -248,7 +247,7 @@ impl Dispatcher {
                     unique_id = request.unique_id.as_deref(),
                     version = S::version(&snapshot));
                 let settle = self
-                    .serve_request(service, &snapshot, delivery, request)
+                    .serve_request(service, &snapshot, delivery, request, &series)
                     .instrument(span.clone())
                     .await;
                 (settle, span)
@@ -321,6 +320,7 @@ impl Dispatcher {
         snapshot: &S::Snapshot,
         delivery: &Delivery,
         request: Request,
+        series: &TopicSeries,
     ) -> Settle {
         let topic = service.topic();
         if let Some(id) = &request.unique_id
@@ -339,9 +339,9 @@ impl Dispatcher {
             return self.poison(topic, delivery, &request, deliveries).await;
         }
 
-        let (outcome, spent) = service.serve(self, snapshot, &request).await;
+        let (outcome, spent) = service.serve(self, snapshot, &request, series).await;
         match &outcome {
-            Ok(_) => self.metrics.request(topic, method, Outcome::Ok, ""),
+            Ok(_) => series.succeeded(method),
             Err(f) => {
                 self.metrics
                     .request(topic, method, Outcome::of_class(&f.class), &f.class);

@@ -115,14 +115,60 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
-/// The series every request of a topic touches, looked up once: a family lookup builds its
-/// label set (a `String` per label) and hashes it, which cost more than the rest of the
-/// bookkeeping of a call. Bounded by the configured topics and, per topic, by the methods its
-/// modules export (only those are labelled).
-struct TopicSeries {
+/// The series every request of a topic touches, found once per delivery
+/// ([`Metrics::topic`]): a family lookup builds its label set (a `String` per label) and hashes
+/// it, which cost more than the rest of the bookkeeping of a call. Bounded by the configured
+/// topics and, per topic, by the methods its modules export (only those are labelled).
+pub struct TopicSeries {
+    topic: Box<str>,
     in_flight: Gauge,
     held: Gauge,
     methods: RwLock<HashMap<Box<str>, Arc<MethodSeries>>>,
+    /// The families a method's series are created in, on its first call.
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily,
+}
+
+impl TopicSeries {
+    /// Track one unsettled delivery until the guard drops.
+    pub fn holding(&self) -> GaugeGuard {
+        GaugeGuard::new(self.held.clone())
+    }
+
+    /// Track one running invocation until the guard drops.
+    pub fn running(&self) -> GaugeGuard {
+        GaugeGuard::new(self.in_flight.clone())
+    }
+
+    /// Count a successful request of `method` (an exported method, or `-`).
+    pub fn succeeded(&self, method: &str) {
+        self.method(method).ok.inc();
+    }
+
+    /// Record an invocation's wall time (`method` is exported by the handler's module).
+    pub fn invocation(&self, method: &str, seconds: f64) {
+        self.method(method).duration.observe(seconds);
+    }
+
+    fn method(&self, method: &str) -> Arc<MethodSeries> {
+        if let Some(m) = read(&self.methods).get(method) {
+            return m.clone();
+        }
+        let ok = self.requests.get_or_create_owned(&RequestLabels {
+            topic: self.topic.to_string(),
+            method: method.to_owned(),
+            outcome: Outcome::Ok.as_str(),
+            class: String::new(),
+        });
+        let duration = self.duration.get_or_create_owned(&MethodLabels {
+            topic: self.topic.to_string(),
+            method: method.to_owned(),
+        });
+        write(&self.methods)
+            .entry(method.into())
+            .or_insert_with(|| Arc::new(MethodSeries { ok, duration }))
+            .clone()
+    }
 }
 
 /// The series of one method's successful calls.
@@ -265,8 +311,9 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The hot series of `topic`, created on its first request.
-    fn topic(&self, topic: &str) -> Arc<TopicSeries> {
+    /// The hot series of `topic`, created on its first request. A delivery looks them up once
+    /// and updates them through the handle.
+    pub fn topic(&self, topic: &str) -> Arc<TopicSeries> {
         if let Some(series) = read(&self.topics).get(topic) {
             return series.clone();
         }
@@ -277,33 +324,14 @@ impl Metrics {
             .entry(topic.into())
             .or_insert_with(|| {
                 Arc::new(TopicSeries {
+                    topic: topic.into(),
                     in_flight: self.in_flight.get_or_create_owned(&labels),
                     held: self.held.get_or_create_owned(&labels),
                     methods: RwLock::default(),
+                    requests: self.requests.clone(),
+                    duration: self.duration.clone(),
                 })
             })
-            .clone()
-    }
-
-    /// The series of `method`'s successful calls on `topic`.
-    fn method(&self, topic: &str, method: &str) -> Arc<MethodSeries> {
-        let series = self.topic(topic);
-        if let Some(m) = read(&series.methods).get(method) {
-            return m.clone();
-        }
-        let ok = self.requests.get_or_create_owned(&RequestLabels {
-            topic: topic.to_owned(),
-            method: method.to_owned(),
-            outcome: Outcome::Ok.as_str(),
-            class: String::new(),
-        });
-        let duration = self.duration.get_or_create_owned(&MethodLabels {
-            topic: topic.to_owned(),
-            method: method.to_owned(),
-        });
-        write(&series.methods)
-            .entry(method.into())
-            .or_insert_with(|| Arc::new(MethodSeries { ok, duration }))
             .clone()
     }
 
@@ -311,7 +339,7 @@ impl Metrics {
     /// exported method, or `-`).
     pub fn request(&self, topic: &str, method: &str, outcome: Outcome, class: &str) {
         if outcome == Outcome::Ok && class.is_empty() {
-            self.method(topic, method).ok.inc();
+            self.topic(topic).succeeded(method);
             return;
         }
         let class = crate::wire::truncate(class, 64);
@@ -327,17 +355,17 @@ impl Metrics {
 
     /// Record an invocation's wall time (`method` is exported by the handler's module).
     pub fn invocation(&self, topic: &str, method: &str, seconds: f64) {
-        self.method(topic, method).duration.observe(seconds);
+        self.topic(topic).invocation(method, seconds);
     }
 
     /// Track one running invocation until the guard drops.
-    pub fn running(self: &Arc<Self>, topic: &str) -> GaugeGuard {
-        GaugeGuard::new(self.topic(topic).in_flight.clone())
+    pub fn running(&self, topic: &str) -> GaugeGuard {
+        self.topic(topic).running()
     }
 
     /// Track one unsettled delivery until the guard drops.
-    pub fn holding(self: &Arc<Self>, topic: &str) -> GaugeGuard {
-        GaugeGuard::new(self.topic(topic).held.clone())
+    pub fn holding(&self, topic: &str) -> GaugeGuard {
+        self.topic(topic).holding()
     }
 
     /// The configured prefetch.
