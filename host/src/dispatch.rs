@@ -269,12 +269,12 @@ impl Dispatcher {
             if let (
                 true,
                 Settle::Ack {
-                    unique_id: Some(id),
+                    unique_id: Some(key),
                 },
             ) = (settled, settle)
                 && let Ok(mut dedup) = self.dedup.lock()
             {
-                dedup.insert(&id);
+                dedup.insert_key(key);
             }
         }
         .instrument(span)
@@ -323,8 +323,14 @@ impl Dispatcher {
         series: &TopicSeries,
     ) -> Settle {
         let topic = service.topic();
-        if let Some(id) = &request.unique_id
-            && self.dedup.lock().map(|d| d.contains(id)).unwrap_or(false)
+        // Parsed once: looked up now, remembered once the ack is out.
+        let unique_id = request.unique_id.as_deref().map(DedupKey::of);
+        if let Some(key) = &unique_id
+            && self
+                .dedup
+                .lock()
+                .map(|d| d.contains_key(key))
+                .unwrap_or(false)
         {
             info!("duplicate message dropped (same _unique_id already handled)");
             self.metrics.request(topic, "-", Outcome::Duplicate, "");
@@ -373,9 +379,7 @@ impl Dispatcher {
             error!(error = %e, "reply could not be published; request requeued");
             return Settle::Requeue;
         }
-        Settle::Ack {
-            unique_id: request.unique_id,
-        }
+        Settle::Ack { unique_id }
     }
 
     /// Which delivery of this message this is (1 for the first), from the `x-delivery-count`
@@ -425,7 +429,7 @@ impl Dispatcher {
             }
         }
         Settle::Ack {
-            unique_id: request.unique_id.clone(),
+            unique_id: request.unique_id.as_deref().map(DedupKey::of),
         }
     }
 
@@ -699,7 +703,7 @@ pub fn remote_error(f: &Failure, method: &str) -> RemoteError {
 }
 
 enum Settle {
-    Ack { unique_id: Option<String> },
+    Ack { unique_id: Option<DedupKey> },
     Reject,
     Requeue,
 }
@@ -785,17 +789,26 @@ impl DedupKey {
         // One pass, digits checked and folded together (a check, then `from_str_radix`, took
         // three times as long). Lowercase only: `ABC…` and `abc…` are different ids and must
         // stay apart.
-        let mut n = 0u128;
-        for byte in id.bytes() {
-            let digit = match byte {
-                b'0'..=b'9' => byte - b'0',
-                b'a'..=b'f' => byte - b'a' + 10,
-                _ => return Self::Text(id.into()),
-            };
-            n = n << 4 | u128::from(digit);
+        let (high, low) = id.as_bytes().split_at(16);
+        match (hex_u64(high), hex_u64(low)) {
+            (Some(high), Some(low)) => Self::Hex(u128::from(high) << 64 | u128::from(low)),
+            _ => Self::Text(id.into()),
         }
-        Self::Hex(n)
     }
+}
+
+/// 16 lowercase hex digits as a number (in halves: 64-bit steps cost half of 128-bit ones).
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    for &byte in digits {
+        let digit = match byte {
+            b'0'..=b'9' => byte - b'0',
+            b'a'..=b'f' => byte - b'a' + 10,
+            _ => return None,
+        };
+        n = n << 4 | u64::from(digit);
+    }
+    Some(n)
 }
 
 impl Dedup {
@@ -807,15 +820,14 @@ impl Dedup {
         }
     }
 
-    fn contains(&self, id: &str) -> bool {
-        self.seen.contains(&DedupKey::of(id))
+    fn contains_key(&self, key: &DedupKey) -> bool {
+        self.seen.contains(key)
     }
 
-    fn insert(&mut self, id: &str) {
+    fn insert_key(&mut self, key: DedupKey) {
         if self.cap == 0 {
             return;
         }
-        let key = DedupKey::of(id);
         if !self.seen.insert(key.clone()) {
             return;
         }
@@ -843,6 +855,16 @@ mod tests {
     const A: &str = "0123456789abcdef0123456789abcdef";
     const B: &str = "fedcba9876543210fedcba9876543210";
 
+    impl Dedup {
+        fn contains(&self, id: &str) -> bool {
+            self.contains_key(&DedupKey::of(id))
+        }
+
+        fn insert(&mut self, id: &str) {
+            self.insert_key(DedupKey::of(id));
+        }
+    }
+
     #[test]
     fn dedup_remembers_the_last_cap_ids_and_forgets_older_ones() {
         let mut dedup = Dedup::new(2);
@@ -864,6 +886,11 @@ mod tests {
         assert!(!dedup.contains(&A[1..]), "31 digits");
         assert!(!dedup.contains(&format!("0{A}")), "33 digits");
         assert!(!dedup.contains(&format!("+{}", &A[1..])));
+        let last_not_hex = format!("{}g", &A[..31]);
+        assert_eq!(
+            DedupKey::of(&last_not_hex),
+            DedupKey::Text(last_not_hex.clone().into())
+        );
         assert_eq!(
             DedupKey::of(A),
             DedupKey::Hex(0x0123456789abcdef0123456789abcdef)

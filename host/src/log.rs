@@ -78,13 +78,27 @@ impl StackText {
     fn as_str(&self) -> &str {
         match &self.spilled {
             Some(text) => text,
-            // Only whole `&str`s are ever copied in, so the prefix is UTF-8.
-            None => std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default(),
+            // SAFETY: only whole `&str`s are ever copied in (`write_str`), so the filled prefix
+            // is UTF-8; checking it again cost as much as escaping it.
+            None => unsafe { std::str::from_utf8_unchecked(&self.buf[..self.len]) },
         }
     }
 }
 
 impl fmt::Write for StackText {
+    #[inline]
+    fn write_char(&mut self, c: char) -> fmt::Result {
+        match u8::try_from(c) {
+            Ok(byte) if byte.is_ascii() && self.spilled.is_none() && self.len < Self::CAPACITY => {
+                self.buf[self.len] = byte;
+                self.len += 1;
+                Ok(())
+            }
+            _ => self.write_str(c.encode_utf8(&mut [0; 4])),
+        }
+    }
+
+    #[inline]
     fn write_str(&mut self, text: &str) -> fmt::Result {
         if let Some(spilled) = &mut self.spilled {
             spilled.push_str(text);
