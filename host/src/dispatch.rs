@@ -259,8 +259,8 @@ impl Dispatcher {
                 (Settle::Reject, span)
             }
         };
-        // Not instrumented: entering and leaving a span on every poll costs more than the rest
-        // of settling, and only settle_delivery logs here (inside the span, as it says).
+        // Not instrumented: entering and leaving the span on every poll cost more than the rest
+        // of settling. Only settle_delivery's warnings are logged here; they enter it themselves.
         {
             let settled = settle_delivery(delivery, &settle, &span).await;
             if !settled {
