@@ -353,21 +353,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Record an invocation's wall time (`method` is exported by the handler's module).
-    pub fn invocation(&self, topic: &str, method: &str, seconds: f64) {
-        self.topic(topic).invocation(method, seconds);
-    }
-
-    /// Track one running invocation until the guard drops.
-    pub fn running(&self, topic: &str) -> GaugeGuard {
-        self.topic(topic).running()
-    }
-
-    /// Track one unsettled delivery until the guard drops.
-    pub fn holding(&self, topic: &str) -> GaugeGuard {
-        self.topic(topic).holding()
-    }
-
     /// The configured prefetch.
     pub fn set_prefetch(&self, prefetch: u16) {
         self.prefetch.set(i64::from(prefetch));
@@ -628,9 +613,10 @@ mod tests {
     #[test]
     fn invocation_durations_land_in_their_method_histogram() {
         let m = Metrics::new();
-        m.invocation("a", "echo", 0.000_2);
-        m.invocation("a", "echo", 0.3);
-        m.invocation("a", "add", 0.000_01);
+        let a = m.topic("a");
+        a.invocation("echo", 0.000_2);
+        a.invocation("echo", 0.3);
+        a.invocation("add", 0.000_01);
         let text = m.encode();
         let count = |method: &str| {
             value(
@@ -654,7 +640,7 @@ mod tests {
 
     #[test]
     fn gauges_follow_their_guards_per_topic() {
-        let m = Arc::new(Metrics::new());
+        let m = Metrics::new();
         let held = |m: &Metrics, t: &str| {
             value(
                 &m.encode(),
@@ -667,10 +653,11 @@ mod tests {
                 &format!("warren_invocations_in_flight{{topic=\"{t}\"}}"),
             )
         };
-        let h1 = m.holding("a");
-        let h2 = m.holding("a");
-        let h3 = m.holding("b");
-        let r1 = m.running("a");
+        // Looked up again for each guard: a topic's series are the same whatever the handle.
+        let h1 = m.topic("a").holding();
+        let h2 = m.topic("a").holding();
+        let h3 = m.topic("b").holding();
+        let r1 = m.topic("a").running();
         assert_eq!(held(&m, "a"), Some(2.0));
         assert_eq!(held(&m, "b"), Some(1.0));
         assert_eq!(running(&m, "a"), Some(1.0));
