@@ -106,6 +106,9 @@ pub(crate) struct State {
     pub outbound: super::outbound::Session,
     /// The last outbound request's reply (a result, or an error JSON), for `reply_read`.
     pub reply: Vec<u8>,
+    /// The instance's `memory`, once instantiated: the imports copy through it several times
+    /// per call, and finding an export by name hashes the name each time.
+    pub memory: Option<Memory>,
 }
 
 /// Caps linear memory and tables, and remembers that the cap was hit so the resulting trap is
@@ -234,6 +237,10 @@ impl State {
 }
 
 fn memory(caller: &mut Caller<'_, State>) -> wasmtime::Result<Memory> {
+    if let Some(memory) = caller.data().memory {
+        return Ok(memory);
+    }
+    // Called before the runtime could note it (from a start function).
     match caller.get_export("memory") {
         Some(Extern::Memory(memory)) => Ok(memory),
         _ => Err(wasmtime::Error::msg("guest does not export `memory`")),

@@ -118,6 +118,7 @@ enum Code {
     Core {
         pre: InstancePre<State>,
         initialize: Option<ModuleExport>,
+        memory: ModuleExport,
     },
     /// A component targeting the `warren:handler` world (`guest-sdk/wit`).
     Component(component::ComponentCode),
@@ -325,12 +326,11 @@ impl Runtime {
             _ => None,
         }
         .ok_or(LoadError::MissingAbiMarker)?;
-        if !matches!(
-            module.get_export("memory"),
-            Some(wasmtime::ExternType::Memory(_))
-        ) {
-            return Err(LoadError::MissingMemory);
+        let memory = match module.get_export("memory") {
+            Some(wasmtime::ExternType::Memory(_)) => module.get_export_index("memory"),
+            _ => None,
         }
+        .ok_or(LoadError::MissingMemory)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
@@ -364,7 +364,11 @@ impl Runtime {
         let loaded = Module {
             inner: Arc::new(ModuleInner {
                 name: name.into(),
-                code: Code::Core { pre, initialize },
+                code: Code::Core {
+                    pre,
+                    initialize,
+                    memory,
+                },
                 methods,
                 sha256,
             }),
@@ -527,6 +531,7 @@ impl Runtime {
                 sent: 0,
             },
             reply: Vec::new(),
+            memory: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -583,14 +588,22 @@ impl Sandbox {
     }
 
     async fn start(&mut self) -> Result<wasmtime::Instance, Failure> {
-        let Code::Core { pre, initialize } = &self.module.inner.code else {
+        let Code::Core {
+            pre,
+            initialize,
+            memory,
+        } = &self.module.inner.code
+        else {
             return Err(Failure::new(class::INTERNAL, "not a core module"));
         };
-        let initialize = *initialize;
+        let (initialize, memory) = (*initialize, *memory);
         let instance = match pre.instantiate_async(&mut self.store).await {
             Ok(instance) => instance,
             Err(e) => return Err(self.classify(e, "instantiation")),
         };
+        if let Some(Extern::Memory(memory)) = instance.get_module_export(&mut self.store, &memory) {
+            self.store.data_mut().memory = Some(memory);
+        }
         if let Some(init) = initialize {
             let func = self.func(&instance, &init)?;
             match func.typed::<(), ()>(&self.store) {
