@@ -769,9 +769,13 @@ impl Refused {
     }
 }
 
+/// Largest dedup set reserved up front (entries); a larger window grows as it fills.
+const MAX_DEDUP_PRESIZE: usize = 1 << 17;
+
 /// Recently handled `_unique_id`s, oldest evicted first.
 struct Dedup {
-    seen: HashSet<DedupKey>,
+    /// Keys are the senders' choice, so the hash is seeded per process.
+    seen: HashSet<DedupKey, foldhash::quality::RandomState>,
     order: VecDeque<DedupKey>,
     cap: usize,
 }
@@ -818,7 +822,13 @@ fn hex_u64(digits: &[u8]) -> Option<u64> {
 impl Dedup {
     fn new(cap: usize) -> Self {
         Self {
-            seen: HashSet::new(),
+            // Twice the window: every insert past it also removes, and the tombstones that
+            // leaves make the set rehash itself once its spare room is used up; twice the
+            // room makes that rare.
+            seen: HashSet::with_capacity_and_hasher(
+                cap.saturating_mul(2).min(MAX_DEDUP_PRESIZE),
+                foldhash::quality::RandomState::default(),
+            ),
             order: VecDeque::new(),
             cap,
         }

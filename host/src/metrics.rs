@@ -105,6 +105,10 @@ struct HandlerInfoLabels {
     hash: String,
 }
 
+/// The hot maps' hasher: their keys are configured topics and exported method names, not
+/// what a sender chooses, so speed wins over flood resistance.
+type FastHash = foldhash::fast::RandomState;
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -123,7 +127,7 @@ pub struct TopicSeries {
     topic: Box<str>,
     in_flight: Gauge,
     held: Gauge,
-    methods: RwLock<HashMap<Box<str>, Arc<MethodSeries>>>,
+    methods: RwLock<HashMap<Box<str>, Arc<MethodSeries>, FastHash>>,
     /// The families a method's series are created in, on its first call.
     requests: Family<RequestLabels, Counter>,
     duration: HistogramFamily,
@@ -188,7 +192,7 @@ pub struct Metrics {
     replies: Family<OutcomeLabels, Counter>,
     /// `replies` by outcome, in [`REPLY_OUTCOMES`] order.
     reply_series: [Counter; REPLY_OUTCOMES.len()],
-    topics: RwLock<HashMap<Box<str>, Arc<TopicSeries>>>,
+    topics: RwLock<HashMap<Box<str>, Arc<TopicSeries>, FastHash>>,
     redeliveries: Family<TopicLabels, Counter>,
     dead_lettered: Family<TopicReasonLabels, Counter>,
     stale_settles: Counter,
