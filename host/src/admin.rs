@@ -106,7 +106,7 @@ impl Admin {
                 daemon
                     .metrics
                     .handler_version(t, Some((v.id, &v.module.hash_prefix())));
-                tracing::info!(topic = %t, version, "handler rolled back");
+                crate::in_span!(tracing::Level::INFO, topic = %t, version, "handler rolled back");
                 json!({"topic": t, "version": version})
             }
             other => {

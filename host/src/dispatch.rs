@@ -26,7 +26,10 @@ use futures_util::future::Either;
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Level, warn};
+
+use crate::in_span;
+use crate::log::lazy::{LazySpan, Scoped, SpanSource};
 
 use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
 use crate::metrics::{Metrics, Outcome, TopicSeries};
@@ -234,50 +237,50 @@ impl Dispatcher {
         let topic = service.topic();
         let series = self.metrics.topic(topic);
         let _held = series.holding();
-        // Every line logged for this delivery carries the span's fields. The log layer formats
-        // them when the span is created and again, whole, whenever one is recorded later (the
-        // JSON layer re-parses what it had), so the span is created once the request is
-        // decoded, with every field at once; only what identifies the request is there.
-        let (settle, span) = match self.admit(delivery) {
+        match self.admit(delivery) {
             Ok(request) => {
                 let snapshot = service.snapshot();
-                let span = tracing::info_span!("delivery", topic = %topic, tag,
-                    method = truncate(&request.method, 64),
-                    msg_id = request.msg_id.as_deref(),
-                    unique_id = request.unique_id.as_deref(),
-                    version = S::version(&snapshot));
-                let settle = self
-                    .serve_request(service, &snapshot, delivery, request, &series)
-                    .instrument(span.clone())
-                    .await;
-                (settle, span)
+                let version = S::version(&snapshot);
+                // Every line logged about this delivery carries these fields. Most deliveries
+                // log nothing, so the span is made only for the first line (`log::lazy`).
+                let span = LazySpan::new(|| {
+                    tracing::info_span!("delivery", topic = %topic, tag,
+                        method = truncate(&request.method, 64),
+                        msg_id = request.msg_id.as_deref(),
+                        unique_id = request.unique_id.as_deref(),
+                        version)
+                });
+                let serving = self.serve_request(service, &snapshot, delivery, &request, &series);
+                let settle = Scoped::new(&span, serving).await;
+                self.settle(delivery, settle, &span).await;
             }
             Err(refused) => {
-                let span = tracing::info_span!("delivery", topic = %topic, tag);
-                span.in_scope(|| refused.log());
+                let span = LazySpan::new(|| tracing::info_span!("delivery", topic = %topic, tag));
+                span.span().in_scope(|| refused.log());
                 self.metrics.request(topic, "-", Outcome::Rejected, "");
-                (Settle::Reject, span)
+                self.settle(delivery, Settle::Reject, &span).await;
             }
-        };
-        // Not instrumented: entering and leaving the span on every poll cost more than the rest
-        // of settling. Only settle_delivery's warnings are logged here; they enter it themselves.
+        }
+    }
+
+    /// Ack or reject a delivery and, once an ack went out, remember its `_unique_id`.
+    async fn settle(&self, delivery: &Delivery, settle: Settle, span: &dyn SpanSource) {
+        // Settling is not polled in the delivery's span: its two warnings enter it themselves.
+        let settled = settle_delivery(delivery, &settle, span).await;
+        if !settled {
+            self.metrics.stale_settle();
+        }
+        // Remember the id only once the ack went out: a redelivery of a request whose ack
+        // was lost must be answered again, not dropped.
+        if let (
+            true,
+            Settle::Ack {
+                unique_id: Some(key),
+            },
+        ) = (settled, settle)
+            && let Ok(mut dedup) = self.dedup.lock()
         {
-            let settled = settle_delivery(delivery, &settle, &span).await;
-            if !settled {
-                self.metrics.stale_settle();
-            }
-            // Remember the id only once the ack went out: a redelivery of a request whose ack
-            // was lost must be answered again, not dropped.
-            if let (
-                true,
-                Settle::Ack {
-                    unique_id: Some(key),
-                },
-            ) = (settled, settle)
-                && let Ok(mut dedup) = self.dedup.lock()
-            {
-                dedup.insert_key(key);
-            }
+            dedup.insert_key(key);
         }
     }
 
@@ -319,7 +322,7 @@ impl Dispatcher {
         service: &S,
         snapshot: &S::Snapshot,
         delivery: &Delivery,
-        request: Request,
+        request: &Request,
         series: &TopicSeries,
     ) -> Settle {
         let topic = service.topic();
@@ -332,7 +335,10 @@ impl Dispatcher {
                 .map(|d| d.contains_key(key))
                 .unwrap_or(false)
         {
-            info!("duplicate message dropped (same _unique_id already handled)");
+            in_span!(
+                Level::INFO,
+                "duplicate message dropped (same _unique_id already handled)"
+            );
             self.metrics.request(topic, "-", Outcome::Duplicate, "");
             return Settle::Ack { unique_id: None };
         }
@@ -342,19 +348,19 @@ impl Dispatcher {
         if deliveries > self.max_deliveries {
             self.metrics
                 .request(topic, method, Outcome::Poison, POISON_CLASS);
-            return self.poison(topic, delivery, &request, deliveries).await;
+            return self.poison(topic, delivery, request, deliveries).await;
         }
 
-        let (outcome, spent) = service.serve(self, snapshot, &request, series).await;
+        let (outcome, spent) = service.serve(self, snapshot, request, series).await;
         match &outcome {
             Ok(_) => series.succeeded(method),
             Err(f) => {
                 self.metrics
                     .request(topic, method, Outcome::of_class(&f.class), &f.class);
                 if request.wants_reply() {
-                    info!(class = %f.class, error = %f.message, "handler failed; failure sent to caller");
+                    in_span!(Level::INFO, class = %f.class, error = %f.message, "handler failed; failure sent to caller");
                 } else {
-                    warn!(class = %f.class, error = %f.message, "cast handler failed");
+                    in_span!(Level::WARN, class = %f.class, error = %f.message, "cast handler failed");
                 }
             }
         }
@@ -368,15 +374,15 @@ impl Dispatcher {
                 .dead_letter(dlx, topic, delivery, &f.class, &reason, deliveries)
                 .await
             {
-                error!(error = %e, "crashed cast could not be dead-lettered; requeued");
+                in_span!(Level::ERROR, error = %e, "crashed cast could not be dead-lettered; requeued");
                 return Settle::Requeue;
             }
             self.metrics.dead_lettered(topic, "crashed_cast");
         }
         if request.wants_reply()
-            && let Err(e) = self.reply(&request, outcome, spent).await
+            && let Err(e) = self.reply(request, outcome, spent).await
         {
-            error!(error = %e, "reply could not be published; request requeued");
+            in_span!(Level::ERROR, error = %e, "reply could not be published; request requeued");
             return Settle::Requeue;
         }
         Settle::Ack { unique_id }
@@ -414,18 +420,20 @@ impl Dispatcher {
                     .dead_letter(dlx, topic, delivery, POISON_CLASS, &reason, deliveries)
                     .await
                 {
-                    error!(error = %e, "poison message could not be dead-lettered; requeued");
+                    in_span!(Level::ERROR, error = %e, "poison message could not be dead-lettered; requeued");
                     return Settle::Requeue;
                 }
-                error!(%reason, dead_letter_exchange = %dlx, "poison message dead-lettered");
+                in_span!(Level::ERROR, %reason, dead_letter_exchange = %dlx, "poison message dead-lettered");
             }
-            None => error!(%reason, "poison message dropped (no dead_letter_exchange configured)"),
+            None => {
+                in_span!(Level::ERROR, %reason, "poison message dropped (no dead_letter_exchange configured)")
+            }
         }
         self.metrics.dead_lettered(topic, "poison");
         if request.wants_reply() {
             let failure = Failure::new(POISON_CLASS, reason);
             if let Err(e) = self.reply(request, Err(failure), Spent::none()).await {
-                warn!(error = %e, "failure reply for a poison message not sent");
+                in_span!(Level::WARN, error = %e, "failure reply for a poison message not sent");
             }
         }
         Settle::Ack {
@@ -570,7 +578,7 @@ impl Dispatcher {
         let method = request.method.clone();
         let args = request.args.clone();
         let limits = limits.clone();
-        let span = tracing::Span::current();
+        let span = crate::log::lazy::current_or_ambient();
         let slots = self.invocations.clone();
         let outbound = crate::outbound::Invocation::new(sender.clone(), slots, permit);
         let work = tokio::task::spawn_blocking(move || {
@@ -624,7 +632,7 @@ impl Dispatcher {
                 _ = ticker.tick() => {
                     let body = wire::encode_heartbeat(msg_id, enveloped);
                     if let Err(e) = self.publish("", key, &body, &reply_options()).await {
-                        warn!(error = %e, "call-monitor heartbeat not sent");
+                        in_span!(Level::WARN, error = %e, "call-monitor heartbeat not sent");
                     }
                 }
             }
@@ -660,12 +668,16 @@ impl Dispatcher {
                 Ok(Published::Confirmed) => self.metrics.reply("confirmed"),
                 Ok(Published::Returned { code, text }) => {
                     self.metrics.reply("returned");
-                    warn!(reply_to = key, code, %text, "caller is gone; reply dropped");
+                    in_span!(Level::WARN, reply_to = key, code, %text, "caller is gone; reply dropped");
                     return Ok(());
                 }
                 Ok(Published::Nacked) => {
                     self.metrics.reply("nacked");
-                    warn!(reply_to = key, "broker refused the reply; dropped");
+                    in_span!(
+                        Level::WARN,
+                        reply_to = key,
+                        "broker refused the reply; dropped"
+                    );
                     return Ok(());
                 }
                 Err(e) => {
@@ -674,7 +686,7 @@ impl Dispatcher {
                 }
             }
         }
-        debug!(reply_to = key, "replied");
+        in_span!(Level::DEBUG, reply_to = key, "replied");
         Ok(())
     }
 }
@@ -719,7 +731,7 @@ impl Settle {
 }
 
 /// Ack or reject; true when the broker got it.
-async fn settle_delivery(delivery: &Delivery, settle: &Settle, span: &tracing::Span) -> bool {
+async fn settle_delivery(delivery: &Delivery, settle: &Settle, span: &dyn SpanSource) -> bool {
     let result = match settle {
         Settle::Ack { .. } => delivery.ack().await,
         Settle::Reject => delivery.reject(false).await,
@@ -729,7 +741,7 @@ async fn settle_delivery(delivery: &Delivery, settle: &Settle, span: &tracing::S
         Ok(true) => true,
         // The channel died since the delivery arrived: the broker will redeliver it.
         Ok(false) => {
-            span.in_scope(|| {
+            span.span().in_scope(|| {
                 warn!(
                     settle = settle.as_str(),
                     "stale delivery (its channel is gone); the broker will redeliver it"
@@ -738,7 +750,7 @@ async fn settle_delivery(delivery: &Delivery, settle: &Settle, span: &tracing::S
             false
         }
         Err(e) => {
-            span.in_scope(|| {
+            span.span().in_scope(|| {
                 warn!(settle = settle.as_str(), error = %e, "could not settle delivery; the broker will redeliver it");
             });
             false

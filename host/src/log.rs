@@ -1,4 +1,7 @@
-//! Log output. [`JsonSpanFields`] formats span fields for `WARREN_LOG_FORMAT=json`.
+//! Log output. [`JsonSpanFields`] formats span fields for `WARREN_LOG_FORMAT=json`;
+//! [`lazy`] makes a delivery's span only when something is logged in it.
+
+pub mod lazy;
 
 use std::fmt::{self, Write as _};
 

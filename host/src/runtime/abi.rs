@@ -76,7 +76,7 @@ pub(crate) fn wasi_builder(
             // Checked to exist when the config was loaded; if it vanished since, the guest
             // simply does not see it, as if it had not been granted.
             if let Err(e) = builder.preopened_dir(&dir.host, &dir.guest, perms) {
-                tracing::warn!(host = %dir.host.display(), error = %e, "granted directory cannot be opened");
+                crate::in_span!(tracing::Level::WARN, host = %dir.host.display(), error = %e, "granted directory cannot be opened");
             }
         }
     }
@@ -417,7 +417,7 @@ impl State {
                 // bounded prefix (the guest gets all of it).
                 let shown: String = failure.message.chars().take(512).collect();
                 let class: String = failure.class.chars().take(64).collect();
-                tracing::info!(
+                crate::in_span!(tracing::Level::INFO,
                     handler = %self.handler,
                     kind = kind.as_str(),
                     %class,
@@ -434,10 +434,10 @@ impl State {
 /// target `warren::guest` so operators can filter guest output apart from the daemon's.
 pub(crate) fn guest_log(level: i32, handler: &str, line: &str) {
     match level {
-        0 => tracing::trace!(target: "warren::guest", handler, "{line}"),
-        1 => tracing::debug!(target: "warren::guest", handler, "{line}"),
-        3 => tracing::warn!(target: "warren::guest", handler, "{line}"),
-        4 => tracing::error!(target: "warren::guest", handler, "{line}"),
-        _ => tracing::info!(target: "warren::guest", handler, "{line}"),
+        0 => crate::in_span!(target: "warren::guest", tracing::Level::TRACE, handler, "{line}"),
+        1 => crate::in_span!(target: "warren::guest", tracing::Level::DEBUG, handler, "{line}"),
+        3 => crate::in_span!(target: "warren::guest", tracing::Level::WARN, handler, "{line}"),
+        4 => crate::in_span!(target: "warren::guest", tracing::Level::ERROR, handler, "{line}"),
+        _ => crate::in_span!(target: "warren::guest", tracing::Level::INFO, handler, "{line}"),
     }
 }

@@ -656,7 +656,7 @@ impl Sandbox {
         self.flush_stdio(None);
         let state = self.store.data_mut();
         if state.logs_dropped > 0 {
-            tracing::warn!(handler = %state.handler, dropped = state.logs_dropped, "guest log lines dropped over the per-invocation cap");
+            crate::in_span!(tracing::Level::WARN, handler = %state.handler, dropped = state.logs_dropped, "guest log lines dropped over the per-invocation cap");
         }
         if let Some(error) = state.error.take() {
             return Err(parse_guest_error(&error));
@@ -719,7 +719,8 @@ impl Sandbox {
         let ((out, out_dropped), (err, err_dropped)) = self.store.data_mut().take_stdio();
         let handler = self.module.name();
         if out_dropped + err_dropped > 0 {
-            tracing::warn!(
+            crate::in_span!(
+                tracing::Level::WARN,
                 handler,
                 stdout = out_dropped,
                 stderr = err_dropped,
@@ -729,10 +730,10 @@ impl Sandbox {
         let text = String::from_utf8_lossy(&err).into_owned();
         if self.log_stdio {
             for line in String::from_utf8_lossy(&out).lines() {
-                tracing::info!(target: "warren::guest", handler, stream = "stdout", "{line}");
+                crate::in_span!(target: "warren::guest", tracing::Level::INFO, handler, stream = "stdout", "{line}");
             }
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                tracing::warn!(target: "warren::guest", handler, stream = "stderr", "{line}");
+                crate::in_span!(target: "warren::guest", tracing::Level::WARN, handler, stream = "stderr", "{line}");
             }
         }
         if want_stderr.is_some() {
