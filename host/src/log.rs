@@ -306,26 +306,32 @@ impl<W: fmt::Write> fmt::Write for Escaped<'_, W> {
     }
 }
 
+/// A log writer for tests: everything written, kept in memory.
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
-
+pub(crate) mod capture {
     use std::io;
-    use std::sync::{Arc, Mutex};
+    use std::sync::{Arc, Mutex, PoisonError};
 
-    use proptest::prelude::*;
-    use serde_json::Value;
     use tracing_subscriber::fmt::MakeWriter;
-    use tracing_subscriber::fmt::format::JsonFields;
 
-    use super::*;
-
+    /// Collects what a subscriber writes; clones share the bytes.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl Buffer {
+        /// Everything written so far, as text.
+        pub(crate) fn text(&self) -> String {
+            let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
 
     impl io::Write for Buffer {
         fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(bytes);
             Ok(bytes.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -339,6 +345,18 @@ mod tests {
             self.clone()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+    use tracing_subscriber::fmt::format::JsonFields;
+
+    use super::capture::Buffer;
+    use super::*;
 
     /// The JSON lines `log` writes with span fields formatted by `fields`, timestamps removed.
     fn lines<N>(fields: N, log: impl FnOnce()) -> Vec<Value>
@@ -352,8 +370,9 @@ mod tests {
             .with_writer(buffer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, log);
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        text.lines()
+        buffer
+            .text()
+            .lines()
             .map(|line| {
                 let mut v: Value = serde_json::from_str(line).unwrap();
                 v.as_object_mut().unwrap().remove("timestamp");

@@ -163,32 +163,11 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
 
     use tracing::Level;
-    use tracing_subscriber::fmt::MakeWriter;
 
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Buffer {
-        type Writer = Buffer;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
+    use crate::log::capture::Buffer;
 
     /// What `run` logged at `level` and above, one line per event, without ANSI or time.
     fn logged(level: Level, run: impl FnOnce()) -> Vec<String> {
@@ -200,8 +179,7 @@ mod tests {
             .with_writer(buffer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, run);
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_owned).collect()
+        buffer.text().lines().map(str::to_owned).collect()
     }
 
     /// Polls `future` to completion on this thread (the futures here never wait).
