@@ -890,6 +890,12 @@ fn a_request_that_keeps_killing_the_daemon_is_dead_lettered_after_max_deliveries
             tail(&daemon)
         );
         daemon.kill_hard();
+        // Back on the queue before the next daemon starts, so the next "running" is that
+        // daemon's delivery, not this one's before the broker saw the connection drop.
+        let requeued = eventually(Duration::from_secs(30), || {
+            (queue_counts(&topic) == Some((1, 0))).then_some(())
+        });
+        assert!(requeued.is_some(), "not requeued after crash {}", kills + 1);
         daemon = Daemon::start_config(&server, &text);
     }
     let dead_lettered = eventually(Duration::from_secs(30), || {
