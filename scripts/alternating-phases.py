@@ -6,7 +6,8 @@
 KIND is `native` (`warren bench --serve-native`) or `warren` (`warren serve` with the echo
 plugin, concurrency 16, prefetch 64, no module cache). BINARY defaults to
 ./target/release/warren, so two builds can be set against each other; VAR=VALUE pairs go into
-that server's environment, for experiments switched by a variable. Example:
+that server's environment, for experiments switched by a variable. The load generator is
+always ./target/release/warren, the same for every server. Example:
 
     scripts/alternating-phases.py native=native warren=warren old=warren@/tmp/warren-old
 
@@ -75,8 +76,8 @@ class Server:
             if ready in line:
                 break
         else:
+            # main's cleanup deletes the queues it may have declared.
             self.stop()
-            delete_queues(self.topic)
             sys.exit(f"{self.name} exited before it was ready")
         # Keep draining its output so that it never blocks on a full pipe.
         self.drain = subprocess.Popen(["cat"], stdin=self.process.stdout, stdout=subprocess.DEVNULL)
