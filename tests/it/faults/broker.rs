@@ -182,6 +182,14 @@ impl PrivateBroker {
             .expect("start rabbitmq-server");
         self.server = Some(child);
         self.wait_port(true);
+        self.await_startup();
+    }
+
+    /// The AMQP port opens before RabbitMQ has finished booting, and until it has, `rabbitmqctl`
+    /// commands such as `list_queues` fail with "requires the 'rabbit' app to be running";
+    /// `await_startup` returns once the app is up (or fails after its timeout).
+    fn await_startup(&self) {
+        self.ctl_ok(&["await_startup", "--timeout", "60"]);
     }
 
     fn wait_port(&self, up: bool) {
@@ -233,7 +241,7 @@ impl PrivateBroker {
 
     /// `stop_app`, then `start_app`: the broker goes away (closing every connection), refuses
     /// connections while RabbitMQ restarts, and comes back with its durable queues and
-    /// persistent messages. Returns how long it was unreachable.
+    /// persistent messages. Returns how long until it had booted again.
     pub fn restart_app(&self) -> Duration {
         let start = Instant::now();
         self.ctl_ok(&["stop_app"]);
@@ -243,6 +251,7 @@ impl PrivateBroker {
         );
         self.ctl_ok(&["start_app"]);
         self.wait_port(true);
+        self.await_startup();
         start.elapsed()
     }
 
