@@ -185,9 +185,9 @@ impl PrivateBroker {
         self.await_startup();
     }
 
-    /// The AMQP port opens before RabbitMQ has finished booting, and until it has, `rabbitmqctl`
-    /// commands such as `list_queues` fail with "requires the 'rabbit' app to be running";
-    /// `await_startup` returns once the app is up (or fails after its timeout).
+    /// An open AMQP port does not mean `rabbitmqctl` will answer: CI once saw `list_queues`
+    /// fail with "requires the 'rabbit' app to be running" right after `start_app` and the
+    /// port. `await_startup` returns once the app is running (or fails after its timeout).
     fn await_startup(&self) {
         self.ctl_ok(&["await_startup", "--timeout", "60"]);
     }
