@@ -198,7 +198,8 @@ impl Dispatcher {
             .await
     }
 
-    /// [`Dispatcher::publish`], dropping `spent` as soon as the message is on its way.
+    /// [`Dispatcher::publish`], recycling `spent` ([`Spent::recycle`]) as soon as the message
+    /// is on its way; while waiting for a link it is dropped instead.
     async fn publish_then(
         &self,
         exchange: &str,
@@ -222,7 +223,11 @@ impl Dispatcher {
         };
         let published = link
             .publisher
-            .publish_then(exchange, key, body, options, || drop(spent))
+            .publish_then(exchange, key, body, options, async {
+                if let Some(spent) = spent {
+                    spent.recycle(&self.runtime).await;
+                }
+            })
             .await;
         if let Err(AmqpError::Broker { .. }) = &published {
             link.lost.cancel();

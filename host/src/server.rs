@@ -27,6 +27,10 @@ use crate::watch::{self, Watcher};
 /// Modules compiled or checked at once during start-up.
 const STARTUP_LOADS: usize = 4;
 
+/// Sandboxes made ahead of their calls at once, across handlers (`Spent::recycle`): enough for
+/// the handlers a quiet daemon serves one call at a time, each holding a pool slot.
+const PREPARED: u32 = 8;
+
 /// oslo's `rabbit_transient_queues_ttl` default: unused fanout queues expire after 30 minutes.
 const FANOUT_QUEUE_EXPIRES_MS: u32 = 1_800_000;
 
@@ -118,9 +122,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .unwrap_or(0)
             .max(64 << 20),
         // Room for every running invocation, as many again waiting on outbound calls (they
-        // give their slot back while they wait), and the smoke tests of loads and reloads.
-        max_instances: u32::try_from(config.server.concurrency * 4 + STARTUP_LOADS + 8)
-            .unwrap_or(u32::MAX),
+        // give their slot back while they wait), the smoke tests of loads and reloads, and
+        // the sandboxes made ahead of their calls.
+        max_instances: u32::try_from(
+            config.server.concurrency * 4 + STARTUP_LOADS + 8 + PREPARED as usize,
+        )
+        .unwrap_or(u32::MAX),
+        max_prepared: PREPARED,
     };
     let runtime = Arc::new(Runtime::new(&settings)?);
     let cache = config.server.cache_dir.clone().map(ModuleCache::new);

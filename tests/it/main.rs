@@ -10,6 +10,7 @@ mod interop;
 mod metrics;
 mod outbound;
 mod polyglot;
+mod prepared;
 mod reload;
 mod runtime;
 mod security;

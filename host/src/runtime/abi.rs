@@ -109,6 +109,10 @@ pub(crate) struct State {
     /// The instance's `memory`, once instantiated: the imports copy through it several times
     /// per call, and finding an export by name hashes the name each time.
     pub memory: Option<Memory>,
+    /// When the invocation's time is up, and whether its guest yields its thread at each epoch
+    /// tick; read by the store's epoch callback.
+    pub deadline: std::time::Instant,
+    pub yields: bool,
 }
 
 /// Caps linear memory and tables, and remembers that the cap was hit so the resulting trap is

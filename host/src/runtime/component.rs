@@ -228,10 +228,11 @@ impl Runtime {
                 code: Code::Component(ComponentCode { pre }),
                 methods: BTreeMap::new(),
                 sha256,
+                ahead: super::Ahead::default(),
             }),
         };
         // The smoke test: instantiate once and ask for the method list.
-        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits, false);
+        let mut sandbox = self.sandbox(&loaded, Vec::new(), super::empty_context(), limits, false);
         let names = super::block_on(sandbox.component_methods()).map_err(LoadError::Startup)?;
         let mut methods = BTreeMap::new();
         for method in names {

@@ -1,7 +1,7 @@
 //! The process-wide `Engine` and the epoch ticker that bounds every invocation's wall time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ pub struct EngineSettings {
     /// How many instances may be alive at once (pool slots). Invocations beyond it are refused
     /// by the pool, so the daemon bounds concurrency below this.
     pub max_instances: u32,
+    /// How many sandboxes may be made ahead of their calls at once (see
+    /// [`super::Spent::recycle`]); each holds one of the `max_instances` slots while it waits.
+    pub max_prepared: u32,
 }
 
 impl EngineSettings {
@@ -33,6 +36,7 @@ impl EngineSettings {
         Self {
             max_memory_bytes: 64 << 20,
             max_instances: 64,
+            max_prepared: 4,
         }
     }
 }
@@ -103,7 +107,7 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
     }
 }
 
-/// How long the pool must have been empty before the ticker slows down.
+/// How long nothing must have run before the ticker slows down.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// How often an idle ticker looks again, should an invocation start without waking it (a race
@@ -113,10 +117,12 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Advances the engine's epoch from a dedicated OS thread. A tokio task would share a worker
 /// with the guests it is meant to stop and could be starved by one of them (wado PR #1146).
 ///
-/// It ticks every [`EPOCH_TICK`] while any instance is alive. Once the pool has been empty for
-/// [`IDLE_AFTER`] it sleeps instead (an idle daemon would otherwise wake 500 times a second),
-/// and [`EpochTicker::wake`], called as every invocation starts, brings it back. With the
-/// on-demand allocator there is no count of live instances, so it always ticks.
+/// It ticks every [`EPOCH_TICK`] while any guest code may run: an invocation, or a sandbox
+/// being made ahead of its call (each holds a [`Running`] while it does). Once nothing has run
+/// for [`IDLE_AFTER`] it sleeps instead (an idle daemon would otherwise wake 500 times a
+/// second), and [`EpochTicker::enter`] brings it back. Instances that are alive but run
+/// nothing (a spent sandbox not yet dropped, a prepared one waiting for its call) need no
+/// ticks, which is why this counts runs rather than the pool's live instances.
 pub struct EpochTicker {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -125,6 +131,20 @@ pub struct EpochTicker {
 struct Shared {
     stop: AtomicBool,
     idle: AtomicBool,
+    /// Guest runs in progress; bounded by the pool's slots (each run holds an instance).
+    running: AtomicUsize,
+}
+
+/// One guest run in progress, as far as the ticker is concerned; it ticks until every one is
+/// dropped.
+pub struct Running {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl EpochTicker {
@@ -133,6 +153,7 @@ impl EpochTicker {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             idle: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
         });
         let state = shared.clone();
         let thread = std::thread::Builder::new()
@@ -144,34 +165,35 @@ impl EpochTicker {
         })
     }
 
-    /// Make sure the ticker ticks: called before an instance is created. Costs one load
-    /// unless the ticker is idle.
-    pub fn wake(&self) {
+    /// Make sure the ticker ticks while the returned guard lives: taken before guest code
+    /// runs. Costs two atomic operations unless the ticker is idle.
+    pub fn enter(&self) -> Running {
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
         if self.shared.idle.load(Ordering::Relaxed)
             && self.shared.idle.swap(false, Ordering::SeqCst)
             && let Some(thread) = &self.thread
         {
             thread.thread().unpark();
         }
+        Running {
+            shared: self.shared.clone(),
+        }
     }
 
-    /// Whether the ticker is asleep (the pool has been empty a while).
+    /// Whether the ticker is asleep (nothing has run for a while).
     pub fn is_idle(&self) -> bool {
         self.shared.idle.load(Ordering::SeqCst)
     }
 }
 
 fn tick(engine: &Engine, shared: &Shared) {
-    let pool = engine.pooling_allocator_metrics();
-    let live = |p: &wasmtime::PoolingAllocatorMetrics| {
-        p.core_instances() + p.component_instances() + p.stacks() as u64
-    };
+    let busy = || shared.running.load(Ordering::SeqCst) > 0;
     let idle_ticks = u32::try_from(IDLE_AFTER.as_millis() / EPOCH_TICK.as_millis()).unwrap_or(1);
     let mut empty_for = 0u32;
     while !shared.stop.load(Ordering::Relaxed) {
         if shared.idle.load(Ordering::SeqCst) {
             std::thread::park_timeout(IDLE_TICK);
-            if pool.as_ref().is_some_and(|p| live(p) > 0) {
+            if busy() {
                 shared.idle.store(false, Ordering::SeqCst);
             }
             if shared.idle.load(Ordering::SeqCst) {
@@ -182,15 +204,16 @@ fn tick(engine: &Engine, shared: &Shared) {
             std::thread::sleep(EPOCH_TICK);
         }
         engine.increment_epoch();
-        match &pool {
-            Some(p) if live(p) == 0 => empty_for += 1,
-            _ => empty_for = 0,
+        if busy() {
+            empty_for = 0;
+        } else {
+            empty_for += 1;
         }
         if empty_for >= idle_ticks {
             shared.idle.store(true, Ordering::SeqCst);
-            // An invocation that started between the count and the store would find the
-            // ticker asleep without waking it: look once more.
-            if pool.as_ref().is_some_and(|p| live(p) > 0) {
+            // A run that started between the count and the store would find the ticker
+            // asleep without waking it: look once more.
+            if busy() {
                 shared.idle.store(false, Ordering::SeqCst);
             }
             empty_for = 0;

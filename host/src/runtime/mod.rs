@@ -21,7 +21,8 @@ pub mod outbound;
 mod stdio;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
@@ -110,6 +111,38 @@ struct ModuleInner {
     code: Code,
     methods: BTreeMap<String, Method>,
     sha256: [u8; 32],
+    /// The sandbox made ahead of this version's next call, if any. It lives here so that a
+    /// reload, which drops the old version, drops it too.
+    ahead: Ahead,
+}
+
+/// A core module's next sandbox, made once a call is answered so that the next call finds its
+/// instance ready (see [`Spent::recycle`]).
+#[derive(Default)]
+struct Ahead {
+    ready: Mutex<Option<Prepared>>,
+    /// Set while one is being made, so that concurrent calls do not each make one.
+    making: AtomicBool,
+}
+
+/// An instance made and initialised (`_initialize` run) but not yet called. Only the call
+/// that takes it runs it, once; it is then dropped like any other sandbox.
+struct Prepared {
+    store: Store<State>,
+    instance: wasmtime::Instance,
+    /// The limits it was made under; a call under other limits (a config reload) drops it.
+    limits: Limits,
+    _held: PreparedSlot,
+}
+
+/// One of the runtime's `max_prepared` places, given back when the prepared sandbox goes
+/// (taken by a call, or dropped with its module).
+struct PreparedSlot(Arc<AtomicUsize>);
+
+impl Drop for PreparedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The two loaders' compiled code.
@@ -133,6 +166,13 @@ enum Method {
 }
 
 impl Module {
+    /// The sandbox made ahead for this version, if there is one made under `limits`.
+    fn take_prepared(&self, limits: &Limits) -> Option<Prepared> {
+        let prepared = self.inner.ahead.ready.lock().ok()?.take()?;
+        // Made under other limits (a config reload changed them): dropped, not used.
+        (prepared.limits == *limits).then_some(prepared)
+    }
+
     /// The handler name this module was loaded under (used in logs).
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -235,6 +275,9 @@ pub struct Runtime {
     component_linker: wasmtime::component::Linker<State>,
     allocator: Allocator,
     ticker: engine::EpochTicker,
+    /// Sandboxes made ahead of their calls, across all modules, and the cap on them.
+    prepared: Arc<AtomicUsize>,
+    max_prepared: usize,
 }
 
 impl Runtime {
@@ -242,6 +285,12 @@ impl Runtime {
     /// [`engine::EpochTicker`]); the next invocation wakes it.
     pub fn epoch_ticker_idle(&self) -> bool {
         self.ticker.is_idle()
+    }
+
+    /// How many sandboxes are made ahead of their calls right now (at most the settings'
+    /// `max_prepared`).
+    pub fn prepared_sandboxes(&self) -> usize {
+        self.prepared.load(Ordering::Acquire)
     }
 
     /// Build the runtime. Fails only if no engine can be built or the ticker thread cannot start.
@@ -262,6 +311,8 @@ impl Runtime {
             component_linker,
             allocator,
             ticker,
+            prepared: Arc::new(AtomicUsize::new(0)),
+            max_prepared: usize::try_from(settings.max_prepared).unwrap_or(usize::MAX),
         })
     }
 
@@ -371,9 +422,10 @@ impl Runtime {
                 },
                 methods,
                 sha256,
+                ahead: Ahead::default(),
             }),
         };
-        let mut sandbox = self.sandbox(&loaded, Vec::new(), Arc::from(&b"{}"[..]), limits, false);
+        let mut sandbox = self.sandbox(&loaded, Vec::new(), empty_context(), limits, false);
         let version = block_on(async {
             let instance = sandbox.start().await?;
             sandbox.call_i32(&instance, &marker).await
@@ -470,22 +522,85 @@ impl Runtime {
         if let Err(f) = check_args(args).and_then(|()| check_args_size(args, limits)) {
             return (Err(f), Spent::none());
         }
-        let input = match export {
-            Some(_) => args.get().as_bytes().to_vec(),
-            None => Vec::new(),
-        };
-        let mut sandbox = self.sandbox(module, input, context, limits, yields);
-        sandbox.store.data_mut().outbound.sender = outbound;
-        let outcome = match export {
-            Some(export) => sandbox.call_core(export).await,
-            None => sandbox.call_component(method, args, limits).await,
-        };
+        let outcome;
+        let mut sandbox;
+        match export {
+            Some(export) => {
+                let input = args.get().as_bytes().to_vec();
+                sandbox = match module.take_prepared(limits) {
+                    Some(prepared) => self.resume(module, prepared, limits, yields),
+                    None => self.sandbox(module, Vec::new(), empty_context(), limits, yields),
+                };
+                sandbox.store.data_mut().outbound.sender = outbound;
+                outcome = sandbox.call_core(export, input, context).await;
+            }
+            None => {
+                let input = Vec::new();
+                sandbox = self.sandbox(module, input, context, limits, yields);
+                sandbox.store.data_mut().outbound.sender = outbound;
+                outcome = sandbox.call_component(method, args, limits).await;
+            }
+        }
+        // A core module whose instance came up (so its next one very likely will) gets its
+        // next sandbox made once this call is answered; a component does not (yet).
+        let next = (export.is_some() && sandbox.started).then(|| limits.clone());
         (
             outcome,
             Spent {
-                _sandbox: Some(sandbox),
+                sandbox: Some(sandbox),
+                next,
             },
         )
+    }
+
+    /// Make `module`'s next sandbox now, so that its next call finds the instance made and
+    /// initialised: at one caller that takes the instantiation off the request's path. At
+    /// most one per module version and `max_prepared` in all; nothing happens when the cap is
+    /// reached or one is already there or being made. A failure (a `_initialize` that traps
+    /// this time) is dropped here: the next call makes its own instance and reports it.
+    async fn prepare_next(&self, module: &Module, limits: &Limits) {
+        let ahead = &module.inner.ahead;
+        if ahead.making.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        struct Made<'a>(&'a AtomicBool);
+        impl Drop for Made<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _made = Made(&ahead.making);
+        if ahead.ready.lock().map_or(true, |slot| slot.is_some()) {
+            return;
+        }
+        let max = self.max_prepared;
+        if self
+            .prepared
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return;
+        }
+        let held = PreparedSlot(self.prepared.clone());
+        let mut sandbox = self.sandbox(module, Vec::new(), empty_context(), limits, true);
+        match sandbox.start().await {
+            Ok(instance) => {
+                let prepared = Prepared {
+                    store: sandbox.store,
+                    instance,
+                    limits: limits.clone(),
+                    _held: held,
+                };
+                if let Ok(mut slot) = ahead.ready.lock() {
+                    *slot = Some(prepared);
+                }
+            }
+            Err(failure) => {
+                crate::in_span!(tracing::Level::DEBUG, handler = %module.name(), class = %failure.class, error = %failure.message, "next sandbox not made ahead; its call will make its own");
+            }
+        }
     }
 
     fn sandbox(
@@ -496,7 +611,7 @@ impl Runtime {
         limits: &Limits,
         yields: bool,
     ) -> Sandbox {
-        self.ticker.wake();
+        let running = self.ticker.enter();
         // One deadline for the guest's code and its outbound requests' waits.
         let deadline = Instant::now() + limits.timeout;
         let state = State {
@@ -532,16 +647,20 @@ impl Runtime {
             },
             reply: Vec::new(),
             memory: None,
+            deadline,
+            yields,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         // Called at every epoch tick: past the deadline the guest traps (`Trap::Interrupt`,
-        // reported as `Timeout`); before it, an async caller's guest yields its thread.
+        // reported as `Timeout`); before it, an async caller's guest yields its thread. Both
+        // are read from the store, as a prepared sandbox gets them when its call starts.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
+        store.epoch_deadline_callback(|store| {
+            let state = store.data();
+            Ok(if Instant::now() >= state.deadline {
                 UpdateDeadline::Interrupt
-            } else if yields {
+            } else if state.yields {
                 UpdateDeadline::Yield(1)
             } else {
                 UpdateDeadline::Continue(1)
@@ -552,21 +671,83 @@ impl Runtime {
             module: module.clone(),
             timeout: limits.timeout,
             log_stdio: limits.log_stdio,
+            instance: None,
+            started: false,
+            _running: running,
         }
     }
+
+    /// A prepared sandbox, given the deadline of the call that starts now.
+    fn resume(
+        &self,
+        module: &Module,
+        prepared: Prepared,
+        limits: &Limits,
+        yields: bool,
+    ) -> Sandbox {
+        let running = self.ticker.enter();
+        let Prepared {
+            mut store,
+            instance,
+            ..
+        } = prepared;
+        let deadline = Instant::now() + limits.timeout;
+        let state = store.data_mut();
+        state.deadline = deadline;
+        state.outbound.deadline = deadline;
+        state.yields = yields;
+        // Relative to the epoch now: the ticker may have slept while the sandbox waited.
+        store.set_epoch_deadline(1);
+        Sandbox {
+            store,
+            module: module.clone(),
+            timeout: limits.timeout,
+            log_stdio: limits.log_stdio,
+            instance: Some(instance),
+            started: true,
+            _running: running,
+        }
+    }
+}
+
+/// The context a guest's `_initialize` sees: none yet, as it may run before its call arrives.
+fn empty_context() -> Arc<[u8]> {
+    static EMPTY: OnceLock<Arc<[u8]>> = OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(&b"{}"[..])).clone()
 }
 
 /// A finished invocation's sandbox, held only to be dropped (see [`Runtime::invoke_keeping`]).
 /// Dropping it resets the guest's memory and returns its slot to the pool.
 #[must_use = "dropping a spent sandbox is what frees its pool slot; drop it once the results are sent"]
 pub struct Spent {
-    _sandbox: Option<Sandbox>,
+    sandbox: Option<Sandbox>,
+    /// Set when the module's next sandbox is worth making ahead: the limits to make it under.
+    next: Option<Limits>,
 }
 
 impl Spent {
     /// Nothing to drop (an invocation that never got a sandbox).
     pub fn none() -> Self {
-        Self { _sandbox: None }
+        Self {
+            sandbox: None,
+            next: None,
+        }
+    }
+
+    /// Drop the spent sandbox, then make its module's next one (a fresh `Store` and instance,
+    /// `_initialize` run), which the module's next call takes instead of making its own: for a
+    /// caller that sends its next request once it has this reply, that is instantiation taken
+    /// off the request's path. Each sandbox still serves exactly one call. Call it once the
+    /// results are on their way; at worst it runs the guest's `_initialize` for the handler's
+    /// timeout, yielding its thread at every epoch tick.
+    pub async fn recycle(self, runtime: &Runtime) {
+        let Spent { sandbox, next } = self;
+        let module = sandbox.as_ref().map(|s| s.module.clone());
+        // First, so that the new instance can reuse the slot this one frees (warm).
+        drop(sandbox);
+        if let (Some(module), Some(limits)) = (module, next) {
+            runtime.prepare_next(&module, &limits).await;
+        }
     }
 }
 
@@ -577,12 +758,31 @@ struct Sandbox {
     module: Module,
     timeout: Duration,
     log_stdio: bool,
+    /// The instance, when it was made ahead (prepared) and is still to be called.
+    instance: Option<wasmtime::Instance>,
+    /// Whether the instance came up (instantiated, `_initialize` run).
+    started: bool,
+    /// Keeps the epoch ticker ticking while this sandbox may run guest code.
+    _running: engine::Running,
 }
 
 impl Sandbox {
-    /// Instantiate, run `export`, and collect what the guest emitted.
-    async fn call_core(&mut self, export: &ModuleExport) -> Result<Vec<Box<RawValue>>, Failure> {
-        let instance = self.start().await?;
+    /// Instantiate (unless prepared), hand the guest its call's args and context, run
+    /// `export`, and collect what the guest emitted. The args are set only now so that
+    /// `_initialize` sees the same (none) whether it ran ahead of the call or just before it.
+    async fn call_core(
+        &mut self,
+        export: &ModuleExport,
+        input: Vec<u8>,
+        context: Arc<[u8]>,
+    ) -> Result<Vec<Box<RawValue>>, Failure> {
+        let instance = match self.instance.take() {
+            Some(instance) => instance,
+            None => self.start().await?,
+        };
+        let state = self.store.data_mut();
+        state.input = input;
+        state.context = context;
         let status = self.call_i32(&instance, export).await?;
         self.finish(status)
     }
@@ -620,6 +820,7 @@ impl Sandbox {
                 }
             }
         }
+        self.started = true;
         Ok(instance)
     }
 

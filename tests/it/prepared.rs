@@ -1,0 +1,241 @@
+//! Sandboxes made ahead of their calls (`Spent::recycle`): each still serves exactly one call,
+//! gets its deadline when the call starts, and goes when its module or its limits do.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warren::runtime::{EngineSettings, Failure, Limits, Module, Runtime, parse_args};
+
+/// A module whose `_initialize` records the time (WASI's monotonic clock) and how many args
+/// bytes it saw, and whose methods report on them.
+///
+/// - `state` answers `"fresh"` when this instance ran `_initialize` once, saw no args there,
+///   and was not called before; `"stale"` otherwise.
+/// - `age` answers `"ahead"` when `_initialize` ran over 50 ms before the call, else `"now"`.
+/// - `spin` keeps its thread for 100 ms of wall time.
+const CLOCKED: &str = r#"(module
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "warren_v1" "input_len" (func $input_len (result i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "\"fresh\"\"stale\"\"ahead\"\"now\"")
+  (global $inits (mut i32) (i32.const 0))
+  (global $calls (mut i32) (i32.const 0))
+  (global $init_input (mut i32) (i32.const -1))
+  (global $init_at (mut i64) (i64.const 0))
+  (func $now (result i64)
+    (drop (call $clock (i32.const 1) (i64.const 1) (i32.const 0)))
+    (i64.load (i32.const 0)))
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "_initialize")
+    (global.set $inits (i32.add (global.get $inits) (i32.const 1)))
+    (global.set $init_input (call $input_len))
+    (global.set $init_at (call $now)))
+  (func (export "state") (result i32)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (if (i32.and
+          (i32.and (i32.eq (global.get $inits) (i32.const 1))
+                   (i32.eq (global.get $calls) (i32.const 1)))
+          (i32.eqz (global.get $init_input)))
+      (then (call $output_write (i32.const 16) (i32.const 7)))
+      (else (call $output_write (i32.const 23) (i32.const 7))))
+    i32.const 0)
+  (func (export "age") (result i32)
+    (if (i64.gt_u (i64.sub (call $now) (global.get $init_at)) (i64.const 50000000))
+      (then (call $output_write (i32.const 30) (i32.const 7)))
+      (else (call $output_write (i32.const 37) (i32.const 5))))
+    i32.const 0)
+  (func (export "spin") (result i32)
+    (local $until i64)
+    (local.set $until (i64.add (call $now) (i64.const 100000000)))
+    (loop $l (br_if $l (i64.lt_u (call $now) (local.get $until))))
+    i32.const 0))"#;
+
+fn runtime(max_prepared: u32) -> Runtime {
+    Runtime::new(&EngineSettings {
+        max_prepared,
+        ..EngineSettings::small()
+    })
+    .expect("runtime")
+}
+
+fn load(rt: &Runtime, name: &str) -> Module {
+    rt.load(name, CLOCKED.as_bytes(), &Limits::DEFAULT)
+        .expect("module loads")
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("executor")
+        .block_on(f)
+}
+
+/// One call the way the daemon makes it: the spent sandbox is recycled once the answer is in
+/// hand, which makes the module's next sandbox.
+async fn call(
+    rt: &Runtime,
+    m: &Module,
+    method: &str,
+    limits: &Limits,
+) -> Result<Vec<String>, Failure> {
+    let args = parse_args(r#"{"some": "args"}"#).expect("args");
+    let (answer, spent) = rt
+        .invoke_keeping(m, method, &args, Arc::from(&b"{}"[..]), limits)
+        .await;
+    spent.recycle(rt).await;
+    answer.map(|rs| rs.iter().map(|r| r.get().to_owned()).collect())
+}
+
+/// The time that separates a sandbox made ahead from one made for its call, in `age`.
+fn let_it_age() {
+    std::thread::sleep(Duration::from_millis(80));
+}
+
+#[test]
+fn a_sandbox_made_ahead_serves_one_call_and_its_initialize_sees_no_args() {
+    let rt = runtime(4);
+    let m = load(&rt, "clocked");
+    block_on(async {
+        assert_eq!(rt.prepared_sandboxes(), 0);
+        for i in 0..4 {
+            assert_eq!(
+                call(&rt, &m, "state", &Limits::DEFAULT)
+                    .await
+                    .expect("call"),
+                [r#""fresh""#],
+                "call {i}"
+            );
+            assert_eq!(rt.prepared_sandboxes(), 1, "after call {i}");
+        }
+        // The prepared one is what the next call runs: made well before it.
+        let_it_age();
+        assert_eq!(
+            call(&rt, &m, "age", &Limits::DEFAULT).await.expect("call"),
+            [r#""ahead""#]
+        );
+    });
+}
+
+/// The deadline counts from the call, not from when its sandbox was made: a 100 ms call under
+/// a 300 ms timeout succeeds in a sandbox made 400 ms earlier.
+#[test]
+fn a_prepared_sandbox_gets_its_deadline_when_its_call_starts() {
+    let rt = runtime(4);
+    let m = load(&rt, "clocked");
+    let limits = Limits {
+        timeout: Duration::from_millis(300),
+        ..Limits::DEFAULT
+    };
+    block_on(async {
+        call(&rt, &m, "spin", &limits).await.expect("first call");
+        assert_eq!(rt.prepared_sandboxes(), 1);
+        std::thread::sleep(Duration::from_millis(400));
+        let started = Instant::now();
+        call(&rt, &m, "spin", &limits)
+            .await
+            .expect("a call in a sandbox made ahead has its whole timeout");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        // And the deadline still holds.
+        let tight = Limits {
+            timeout: Duration::from_millis(40),
+            ..Limits::DEFAULT
+        };
+        call(&rt, &m, "state", &tight)
+            .await
+            .expect("made under tight");
+        std::thread::sleep(Duration::from_millis(100));
+        let err = call(&rt, &m, "spin", &tight).await.expect_err("over 40 ms");
+        assert_eq!(err.class, "Timeout", "{err}");
+    });
+}
+
+/// A config reload that changes a handler's limits must not leave its next call in a sandbox
+/// made under the old ones.
+#[test]
+fn a_sandbox_made_under_other_limits_is_dropped_not_used() {
+    let rt = runtime(4);
+    let m = load(&rt, "clocked");
+    let other = Limits {
+        max_result_bytes: 4096,
+        ..Limits::DEFAULT
+    };
+    block_on(async {
+        call(&rt, &m, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+        assert_eq!(rt.prepared_sandboxes(), 1);
+        let_it_age();
+        assert_eq!(
+            call(&rt, &m, "age", &other).await.expect("call"),
+            [r#""now""#],
+            "the call under new limits ran in the sandbox made under the old"
+        );
+        // It made the next one under the new limits, which the next such call takes.
+        let_it_age();
+        assert_eq!(
+            call(&rt, &m, "age", &other).await.expect("call"),
+            [r#""ahead""#]
+        );
+    });
+}
+
+/// A prepared sandbox belongs to its module version: dropping the version (a reload replaced
+/// it) gives back its pool slot.
+#[test]
+fn a_prepared_sandbox_goes_with_its_module() {
+    let rt = runtime(4);
+    let m = load(&rt, "clocked");
+    block_on(async {
+        call(&rt, &m, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+    });
+    assert_eq!(rt.prepared_sandboxes(), 1);
+    drop(m);
+    assert_eq!(rt.prepared_sandboxes(), 0);
+}
+
+/// At most `max_prepared` sandboxes wait at once, however many modules are called.
+#[test]
+fn prepared_sandboxes_are_capped() {
+    let rt = runtime(2);
+    let modules: Vec<Module> = (0..4).map(|i| load(&rt, &format!("m{i}"))).collect();
+    block_on(async {
+        for m in &modules {
+            call(&rt, m, "state", &Limits::DEFAULT).await.expect("call");
+        }
+    });
+    assert_eq!(rt.prepared_sandboxes(), 2);
+}
+
+/// A sandbox waiting for its call runs nothing, so it must not keep the epoch ticker awake
+/// (an idle daemon would wake 500 times a second).
+#[test]
+fn the_ticker_sleeps_while_a_prepared_sandbox_waits() {
+    let rt = runtime(4);
+    let m = load(&rt, "clocked");
+    let tight = Limits {
+        timeout: Duration::from_millis(40),
+        ..Limits::DEFAULT
+    };
+    block_on(async {
+        call(&rt, &m, "state", &tight).await.expect("call");
+    });
+    assert_eq!(rt.prepared_sandboxes(), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rt.epoch_ticker_idle() {
+        assert!(
+            Instant::now() < deadline,
+            "the ticker never went idle with only a prepared sandbox alive"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The call that takes it wakes the ticker, so its deadline is enforced.
+    block_on(async {
+        let err = call(&rt, &m, "spin", &tight).await.expect_err("over 40 ms");
+        assert_eq!(err.class, "Timeout", "{err}");
+    });
+    assert!(!rt.epoch_ticker_idle());
+}
