@@ -34,7 +34,7 @@ use crate::log::lazy::{LazySpan, Scoped, SpanSource};
 use crate::amqp::{AmqpError, Delivery, Header, PublishOptions, Published, Publisher};
 use crate::metrics::{Metrics, Outcome, TopicSeries};
 use crate::registry::{Handler, Version};
-use crate::runtime::{Failure, Runtime, Spent, class};
+use crate::runtime::{Failure, Next, Runtime, Spent, class};
 use crate::wire::{self, RemoteError, Request, truncate};
 
 /// How long a reply waits for a publisher while the daemon reconnects. The request is requeued
@@ -194,12 +194,19 @@ impl Dispatcher {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<Published, AmqpError> {
-        self.publish_then(exchange, key, body, options, Spent::none())
-            .await
+        self.publish_then(
+            exchange,
+            key,
+            body,
+            options,
+            Spent::none(),
+            &mut Next::none(),
+        )
+        .await
     }
 
-    /// [`Dispatcher::publish`], recycling `spent` ([`Spent::recycle`]) as soon as the message
-    /// is on its way; while waiting for a link it is dropped instead.
+    /// [`Dispatcher::publish`], releasing `spent` ([`Spent::release`]) into `next` as soon as
+    /// the message is on its way, or before waiting for a link.
     async fn publish_then(
         &self,
         exchange: &str,
@@ -207,6 +214,7 @@ impl Dispatcher {
         body: &[u8],
         options: &PublishOptions,
         spent: Spent,
+        next: &mut Next,
     ) -> Result<Published, AmqpError> {
         let deadline = tokio::time::Instant::now() + LINK_WAIT;
         let mut spent = Some(spent);
@@ -216,7 +224,9 @@ impl Dispatcher {
                 break link;
             }
             // A spent sandbox holds a pool slot; it must not wait out a reconnection.
-            drop(spent.take());
+            if let Some(spent) = spent.take() {
+                *next = spent.release();
+            }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(AmqpError::NotConnected(LINK_WAIT));
             }
@@ -225,7 +235,7 @@ impl Dispatcher {
             .publisher
             .publish_then(exchange, key, body, options, async {
                 if let Some(spent) = spent {
-                    spent.recycle(&self.runtime).await;
+                    *next = spent.release();
                 }
             })
             .await;
@@ -255,9 +265,13 @@ impl Dispatcher {
                         unique_id = request.unique_id.as_deref(),
                         version)
                 });
-                let serving = self.serve_request(service, &snapshot, delivery, &request, &series);
+                let mut next = Next::none();
+                let serving =
+                    self.serve_request(service, &snapshot, delivery, &request, &series, &mut next);
                 let settle = Scoped::new(&span, serving).await;
                 self.settle(delivery, settle, &span).await;
+                drop(_held);
+                self.prepare(next, topic).await;
             }
             Err(refused) => {
                 let span = LazySpan::new(|| tracing::info_span!("delivery", topic = %topic, tag));
@@ -265,6 +279,18 @@ impl Dispatcher {
                 self.metrics.request(topic, "-", Outcome::Rejected, "");
                 self.settle(delivery, Settle::Reject, &span).await;
             }
+        }
+    }
+
+    /// Make the next sandbox of the handler that just answered (see [`Next::prepare`]): only
+    /// now, once the call is answered and settled, so that nothing of it waits for this.
+    async fn prepare(&self, next: Next, topic: &str) {
+        let preparing = std::panic::AssertUnwindSafe(next.prepare(&self.runtime));
+        if preparing.catch_unwind().await.is_err() {
+            tracing::error!(
+                topic,
+                "making a handler's next sandbox panicked; its next call makes its own"
+            );
         }
     }
 
@@ -329,6 +355,7 @@ impl Dispatcher {
         delivery: &Delivery,
         request: &Request,
         series: &TopicSeries,
+        next: &mut Next,
     ) -> Settle {
         let topic = service.topic();
         // Parsed once: looked up now, remembered once the ack is out.
@@ -385,7 +412,7 @@ impl Dispatcher {
             self.metrics.dead_lettered(topic, "crashed_cast");
         }
         if request.wants_reply()
-            && let Err(e) = self.reply(request, outcome, spent).await
+            && let Err(e) = self.reply(request, outcome, spent, next).await
         {
             in_span!(Level::ERROR, error = %e, "reply could not be published; request requeued");
             return Settle::Requeue;
@@ -437,7 +464,10 @@ impl Dispatcher {
         self.metrics.dead_lettered(topic, "poison");
         if request.wants_reply() {
             let failure = Failure::new(POISON_CLASS, reason);
-            if let Err(e) = self.reply(request, Err(failure), Spent::none()).await {
+            if let Err(e) = self
+                .reply(request, Err(failure), Spent::none(), &mut Next::none())
+                .await
+            {
                 in_span!(Level::WARN, error = %e, "failure reply for a poison message not sent");
             }
         }
@@ -644,13 +674,14 @@ impl Dispatcher {
         }
     }
 
-    /// Publish the reply (or replies) to `request`; `spent` is dropped as soon as the first
-    /// is on its way, so that resetting the sandbox does not delay the caller.
+    /// Publish the reply (or replies) to `request`; `spent` is released into `next` as soon as
+    /// the first is on its way, so that resetting the sandbox does not delay the caller.
     async fn reply(
         &self,
         request: &Request,
         outcome: Answer,
         spent: Spent,
+        next: &mut Next,
     ) -> Result<(), AmqpError> {
         let Some(key) = request.reply_routing_key() else {
             return Ok(());
@@ -667,7 +698,7 @@ impl Dispatcher {
         for body in bodies {
             let spent = spent.take().unwrap_or_else(Spent::none);
             let published = self
-                .publish_then("", key, &body, &reply_options(), spent)
+                .publish_then("", key, &body, &reply_options(), spent, next)
                 .await;
             match published {
                 Ok(Published::Confirmed) => self.metrics.reply("confirmed"),

@@ -143,6 +143,8 @@ impl Handler {
             module,
             loaded_at: SystemTime::now(),
         }));
+        // Its calls still running finish on it, but it makes no sandboxes ahead any more.
+        old.module.retire();
         *self.previous.lock().unwrap_or_else(|p| p.into_inner()) = Some(old);
         id
     }
@@ -154,7 +156,10 @@ impl Handler {
             return Err(format!("handler '{}' has no previous version", self.topic));
         };
         let id = back.id;
-        *previous = Some(self.current.swap(back));
+        back.module.serve();
+        let replaced = self.current.swap(back);
+        replaced.module.retire();
+        *previous = Some(replaced);
         Ok(id)
     }
 

@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use warren::registry::Handler;
+
+use crate::support::{DeleteQueues, Rpc, any_server, serve_wat, unique};
 use warren::runtime::{EngineSettings, Failure, Limits, Module, Runtime, parse_args};
 
 /// A module whose `_initialize` records the time (WASI's monotonic clock) and how many args
@@ -11,7 +14,7 @@ use warren::runtime::{EngineSettings, Failure, Limits, Module, Runtime, parse_ar
 ///
 /// - `state` answers `"fresh"` when this instance ran `_initialize` once, saw no args there,
 ///   and was not called before; `"stale"` otherwise.
-/// - `age` answers `"ahead"` when `_initialize` ran over 50 ms before the call, else `"now"`.
+/// - `age` answers `"ahead"` when `_initialize` ran over 200 ms before the call, else `"now"`.
 /// - `spin` keeps its thread for 100 ms of wall time.
 const CLOCKED: &str = r#"(module
   (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
@@ -41,7 +44,7 @@ const CLOCKED: &str = r#"(module
       (else (call $output_write (i32.const 23) (i32.const 7))))
     i32.const 0)
   (func (export "age") (result i32)
-    (if (i64.gt_u (i64.sub (call $now) (global.get $init_at)) (i64.const 50000000))
+    (if (i64.gt_u (i64.sub (call $now) (global.get $init_at)) (i64.const 200000000))
       (then (call $output_write (i32.const 30) (i32.const 7)))
       (else (call $output_write (i32.const 37) (i32.const 5))))
     i32.const 0)
@@ -88,9 +91,30 @@ async fn call(
     answer.map(|rs| rs.iter().map(|r| r.get().to_owned()).collect())
 }
 
-/// The time that separates a sandbox made ahead from one made for its call, in `age`.
+/// The time that separates a sandbox made ahead from one made for its call, in `age` (a
+/// margin of 100 ms each way).
 fn let_it_age() {
-    std::thread::sleep(Duration::from_millis(80));
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Through the daemon: once a call is answered, the handler's next sandbox is made, and the next
+/// call runs in it (and only that one: the call after it finds a fresh one again).
+#[test]
+fn the_daemon_makes_a_handlers_next_sandbox_once_a_call_is_answered() {
+    let topic = unique("it_ahead");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let daemon = serve_wat(&server, &topic, CLOCKED, "");
+    let rpc = Rpc::connect();
+    let call = |method: &str| {
+        rpc.call(&any_server(&topic), method, "{}", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{method}: {e}; log:\n{}", daemon.log_text()))
+    };
+    for _ in 0..3 {
+        assert_eq!(call("state"), r#""fresh""#);
+        let_it_age();
+        assert_eq!(call("age"), r#""ahead""#);
+    }
 }
 
 #[test]
@@ -172,6 +196,8 @@ fn a_sandbox_made_under_other_limits_is_dropped_not_used() {
             [r#""now""#],
             "the call under new limits ran in the sandbox made under the old"
         );
+        // Dropped, and the next one made under the new limits.
+        assert_eq!(rt.prepared_sandboxes(), 1);
         // It made the next one under the new limits, which the next such call takes.
         let_it_age();
         assert_eq!(
@@ -195,6 +221,52 @@ fn a_prepared_sandbox_goes_with_its_module() {
     assert_eq!(rt.prepared_sandboxes(), 1);
     drop(m);
     assert_eq!(rt.prepared_sandboxes(), 0);
+}
+
+/// A reload keeps the replaced version for a rollback, but it serves no new calls, so it must
+/// not hold a prepared sandbox (and one of the `max_prepared` places); a rollback makes the
+/// version it restores serve again.
+#[test]
+fn a_replaced_version_keeps_no_prepared_sandbox() {
+    let rt = runtime(4);
+    let handler = Handler::new(
+        "clocked".into(),
+        "unused.wasm".into(),
+        Limits::DEFAULT,
+        load(&rt, "clocked"),
+    );
+    let first = handler.current();
+    block_on(async {
+        call(&rt, &first.module, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+        assert_eq!(rt.prepared_sandboxes(), 1);
+
+        handler.swap(load(&rt, "clocked"));
+        assert_eq!(
+            rt.prepared_sandboxes(),
+            0,
+            "the replaced version kept its sandbox"
+        );
+        // A call that was still running on the old version makes none for it.
+        call(&rt, &first.module, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+        assert_eq!(rt.prepared_sandboxes(), 0);
+
+        let second = handler.current();
+        call(&rt, &second.module, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+        assert_eq!(rt.prepared_sandboxes(), 1);
+
+        handler.rollback().expect("rollback");
+        assert_eq!(rt.prepared_sandboxes(), 0);
+        call(&rt, &handler.current().module, "state", &Limits::DEFAULT)
+            .await
+            .expect("call");
+        assert_eq!(rt.prepared_sandboxes(), 1);
+    });
 }
 
 /// At most `max_prepared` sandboxes wait at once, however many modules are called.

@@ -120,9 +120,10 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// It ticks every [`EPOCH_TICK`] while any guest code may run: an invocation, or a sandbox
 /// being made ahead of its call (each holds a [`Running`] while it does). Once nothing has run
 /// for [`IDLE_AFTER`] it sleeps instead (an idle daemon would otherwise wake 500 times a
-/// second), and [`EpochTicker::enter`] brings it back. Instances that are alive but run
-/// nothing (a spent sandbox not yet dropped, a prepared one waiting for its call) need no
-/// ticks, which is why this counts runs rather than the pool's live instances.
+/// second), and [`EpochTicker::enter`] brings it back. A sandbox made ahead of its call runs
+/// nothing while it waits and needs no ticks, which is why this counts runs (sandboxes that
+/// may run guest code, spent ones until they are dropped) rather than the pool's live
+/// instances.
 pub struct EpochTicker {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -166,10 +167,12 @@ impl EpochTicker {
     }
 
     /// Make sure the ticker ticks while the returned guard lives: taken before guest code
-    /// runs. Costs two atomic operations unless the ticker is idle.
+    /// runs. Costs an atomic add and a load unless the ticker is idle.
     pub fn enter(&self) -> Running {
         self.shared.running.fetch_add(1, Ordering::SeqCst);
-        if self.shared.idle.load(Ordering::Relaxed)
+        // SeqCst, as the ticker's store of `idle` and its second look at `running` are: either
+        // it sees this run or this sees it idle.
+        if self.shared.idle.load(Ordering::SeqCst)
             && self.shared.idle.swap(false, Ordering::SeqCst)
             && let Some(thread) = &self.thread
         {

@@ -44,7 +44,8 @@ pub const CONTEXT_USER_ID: &str = "amqp_user_id";
 /// Per-handler sandbox limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Wall-clock limit of one invocation, `_initialize` included.
+    /// Wall-clock limit of one invocation, `_initialize` included when it runs just before the
+    /// method (a sandbox made ahead ran it under a limit of its own).
     pub timeout: Duration,
     /// Cap on linear memory, in bytes.
     pub memory_bytes: usize,
@@ -111,18 +112,30 @@ struct ModuleInner {
     code: Code,
     methods: BTreeMap<String, Method>,
     sha256: [u8; 32],
-    /// The sandbox made ahead of this version's next call, if any. It lives here so that a
-    /// reload, which drops the old version, drops it too.
+    /// The sandbox made ahead of this version's next call, if any. It lives here so that it
+    /// goes with the version; a version that stops serving (replaced, kept only for rollback)
+    /// drops it at once ([`Module::retire`]).
     ahead: Ahead,
 }
 
 /// A core module's next sandbox, made once a call is answered so that the next call finds its
 /// instance ready (see [`Spent::recycle`]).
-#[derive(Default)]
 struct Ahead {
     ready: Mutex<Option<Prepared>>,
     /// Set while one is being made, so that concurrent calls do not each make one.
     making: AtomicBool,
+    /// Cleared while the version is not the one a handler serves: no sandbox is made for it.
+    serving: AtomicBool,
+}
+
+impl Default for Ahead {
+    fn default() -> Self {
+        Self {
+            ready: Mutex::new(None),
+            making: AtomicBool::new(false),
+            serving: AtomicBool::new(true),
+        }
+    }
 }
 
 /// An instance made and initialised (`_initialize` run) but not yet called. Only the call
@@ -171,6 +184,26 @@ impl Module {
         let prepared = self.inner.ahead.ready.lock().ok()?.take()?;
         // Made under other limits (a config reload changed them): dropped, not used.
         (prepared.limits == *limits).then_some(prepared)
+    }
+
+    /// This version no longer serves new calls (a reload replaced it; it is kept for a
+    /// rollback, or finishes the calls it has): drop its prepared sandbox, which holds a pool
+    /// slot and one of the `max_prepared` places, and make no more for it.
+    pub fn retire(&self) {
+        self.inner.ahead.serving.store(false, Ordering::Release);
+        let dropped = self
+            .inner
+            .ahead
+            .ready
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take());
+        drop(dropped);
+    }
+
+    /// This version serves new calls again (a rollback): its sandboxes may be made ahead.
+    pub fn serve(&self) {
+        self.inner.ahead.serving.store(true, Ordering::Release);
     }
 
     /// The handler name this module was loaded under (used in logs).
@@ -531,8 +564,7 @@ impl Runtime {
                     Some(prepared) => self.resume(module, prepared, limits, yields),
                     None => self.sandbox(module, Vec::new(), empty_context(), limits, yields),
                 };
-                sandbox.store.data_mut().outbound.sender = outbound;
-                outcome = sandbox.call_core(export, input, context).await;
+                outcome = sandbox.call_core(export, input, context, outbound).await;
             }
             None => {
                 let input = Vec::new();
@@ -570,7 +602,9 @@ impl Runtime {
             }
         }
         let _made = Made(&ahead.making);
-        if ahead.ready.lock().map_or(true, |slot| slot.is_some()) {
+        if !ahead.serving.load(Ordering::Acquire)
+            || ahead.ready.lock().map_or(true, |slot| slot.is_some())
+        {
             return;
         }
         let max = self.max_prepared;
@@ -594,7 +628,10 @@ impl Runtime {
                     _held: held,
                 };
                 if let Ok(mut slot) = ahead.ready.lock() {
-                    *slot = Some(prepared);
+                    // Retired while it was being made: dropped (after the lock) with `prepared`.
+                    if ahead.serving.load(Ordering::Acquire) {
+                        *slot = Some(prepared);
+                    }
                 }
             }
             Err(failure) => {
@@ -734,18 +771,39 @@ impl Spent {
         }
     }
 
-    /// Drop the spent sandbox, then make its module's next one (a fresh `Store` and instance,
-    /// `_initialize` run), which the module's next call takes instead of making its own: for a
-    /// caller that sends its next request once it has this reply, that is instantiation taken
-    /// off the request's path. Each sandbox still serves exactly one call. Call it once the
-    /// results are on their way; at worst it runs the guest's `_initialize` for the handler's
-    /// timeout, yielding its thread at every epoch tick.
+    /// [`Spent::release`], then [`Next::prepare`] at once.
     pub async fn recycle(self, runtime: &Runtime) {
+        self.release().prepare(runtime).await;
+    }
+
+    /// Drop the spent sandbox (resetting its memory, freeing its pool slot), keeping what is
+    /// needed to make its module's next one later with [`Next::prepare`].
+    pub fn release(self) -> Next {
         let Spent { sandbox, next } = self;
         let module = sandbox.as_ref().map(|s| s.module.clone());
-        // First, so that the new instance can reuse the slot this one frees (warm).
         drop(sandbox);
-        if let (Some(module), Some(limits)) = (module, next) {
+        Next(module.zip(next))
+    }
+}
+
+/// A module whose next sandbox is worth making ahead of its call, from a released [`Spent`].
+#[must_use = "a Next does nothing unless prepared"]
+pub struct Next(Option<(Module, Limits)>);
+
+impl Next {
+    /// Nothing to make.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// Make the module's next sandbox (a fresh `Store` and instance, `_initialize` run), which
+    /// the module's next call takes instead of making its own: for a caller that sends its
+    /// next request once it has its reply, that is instantiation taken off the request's path.
+    /// Each sandbox still serves exactly one call. Call it once the call it came from is
+    /// answered and settled; at worst it runs the guest's `_initialize` for the handler's
+    /// timeout, yielding its thread at every epoch tick.
+    pub async fn prepare(self, runtime: &Runtime) {
+        if let Some((module, limits)) = self.0 {
             runtime.prepare_next(&module, &limits).await;
         }
     }
@@ -767,14 +825,16 @@ struct Sandbox {
 }
 
 impl Sandbox {
-    /// Instantiate (unless prepared), hand the guest its call's args and context, run
-    /// `export`, and collect what the guest emitted. The args are set only now so that
-    /// `_initialize` sees the same (none) whether it ran ahead of the call or just before it.
+    /// Instantiate (unless prepared), hand the guest its call's args, context and outbound
+    /// sender, run `export`, and collect what the guest emitted. They are set only now so that
+    /// `_initialize` sees the same (none of them) whether it ran ahead of the call or just
+    /// before it.
     async fn call_core(
         &mut self,
         export: &ModuleExport,
         input: Vec<u8>,
         context: Arc<[u8]>,
+        outbound: Option<Arc<dyn Outbound>>,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         let instance = match self.instance.take() {
             Some(instance) => instance,
@@ -783,6 +843,7 @@ impl Sandbox {
         let state = self.store.data_mut();
         state.input = input;
         state.context = context;
+        state.outbound.sender = outbound;
         let status = self.call_i32(&instance, export).await?;
         self.finish(status)
     }
