@@ -27,7 +27,7 @@ use crate::watch::{self, Watcher};
 /// Modules compiled or checked at once during start-up.
 const STARTUP_LOADS: usize = 4;
 
-/// Sandboxes made ahead of their calls at once, across handlers (`Spent::recycle`): enough for
+/// Sandboxes made ahead of their calls at once, across handlers (`Next::prepare`): enough for
 /// the handlers a quiet daemon serves one call at a time, each holding a pool slot.
 const PREPARED: u32 = 8;
 

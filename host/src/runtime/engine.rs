@@ -26,7 +26,7 @@ pub struct EngineSettings {
     /// by the pool, so the daemon bounds concurrency below this.
     pub max_instances: u32,
     /// How many sandboxes may be made ahead of their calls at once (see
-    /// [`super::Spent::recycle`]); each holds one of the `max_instances` slots while it waits.
+    /// [`super::Next::prepare`]); each holds one of the `max_instances` slots while it waits.
     pub max_prepared: u32,
 }
 

@@ -119,7 +119,7 @@ struct ModuleInner {
 }
 
 /// A core module's next sandbox, made once a call is answered so that the next call finds its
-/// instance ready (see [`Spent::recycle`]).
+/// instance ready (see [`Next::prepare`]).
 struct Ahead {
     ready: Mutex<Option<Prepared>>,
     /// Set while one is being made, so that concurrent calls do not each make one.
