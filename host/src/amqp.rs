@@ -572,13 +572,12 @@ impl Publisher {
         body: &[u8],
         options: &PublishOptions,
     ) -> Result<Published, AmqpError> {
-        self.publish_then(exchange, key, body, options, async {})
-            .await
+        self.publish_then(exchange, key, body, options, || ()).await
     }
 
-    /// [`Publisher::publish`], running `sent` to completion as soon as the message is queued
-    /// on the connection, before waiting for it to be written and confirmed: work that should
-    /// not delay the message. If the message is refused before that (a name too long),
+    /// [`Publisher::publish`], running `sent` as soon as the message is queued on the
+    /// connection (or refused), without waiting for it to be written or confirmed: work that
+    /// should not delay the message. If the message is refused before that (a name too long),
     /// `sent` is dropped unrun.
     pub async fn publish_then(
         &self,
@@ -586,7 +585,7 @@ impl Publisher {
         key: &str,
         body: &[u8],
         options: &PublishOptions,
-        sent: impl std::future::Future<Output = ()>,
+        sent: impl FnOnce(),
     ) -> Result<Published, AmqpError> {
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -622,11 +621,10 @@ impl Publisher {
             props
         ));
         // The first poll queues the frames for the connection's writer; what is left is waiting
-        // for it to write them and for the broker's confirm. `sent` runs in between,
-        // overlapping that wait, and never waits on the broker itself (a blocked connection,
-        // say).
+        // for it to write them. `sent` runs in between, overlapping that wait, and never waits
+        // on the broker itself (a blocked connection, say).
         let first = futures_util::poll!(publishing.as_mut());
-        sent.await;
+        sent();
         let confirm = match first {
             std::task::Poll::Ready(confirm) => confirm,
             std::task::Poll::Pending => publishing.await,

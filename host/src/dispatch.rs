@@ -233,7 +233,7 @@ impl Dispatcher {
         };
         let published = link
             .publisher
-            .publish_then(exchange, key, body, options, async {
+            .publish_then(exchange, key, body, options, || {
                 if let Some(spent) = spent {
                     *next = spent.release();
                 }

@@ -1,4 +1,4 @@
-//! Sandboxes made ahead of their calls (`Spent::recycle`): each still serves exactly one call,
+//! Sandboxes made ahead of their calls (`Spent::release`, `Next::prepare`): each still serves exactly one call,
 //! gets its deadline when the call starts, and goes when its module or its limits do.
 
 use std::sync::Arc;
@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use warren::registry::Handler;
 
-use crate::support::{DeleteQueues, Rpc, any_server, serve_wat, unique};
+use crate::support::{DeleteQueues, Rpc, any_server, eventually, serve_wat, unique};
 use warren::runtime::{EngineSettings, Failure, Limits, Module, Runtime, parse_args};
 
 /// A module whose `_initialize` records the time (WASI's monotonic clock) and how many args
@@ -62,6 +62,14 @@ fn runtime(max_prepared: u32) -> Runtime {
     .expect("runtime")
 }
 
+/// The default limits with a wall-clock limit of `ms`.
+fn timeout_ms(ms: u64) -> Limits {
+    Limits {
+        timeout: Duration::from_millis(ms),
+        ..Limits::DEFAULT
+    }
+}
+
 fn load(rt: &Runtime, name: &str) -> Module {
     rt.load(name, CLOCKED.as_bytes(), &Limits::DEFAULT)
         .expect("module loads")
@@ -75,8 +83,8 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// One call the way the daemon makes it: the spent sandbox is recycled once the answer is in
-/// hand, which makes the module's next sandbox.
+/// One call the way the daemon makes it: the spent sandbox is released once the answer is in
+/// hand, and the module's next sandbox made.
 async fn call(
     rt: &Runtime,
     m: &Module,
@@ -87,7 +95,7 @@ async fn call(
     let (answer, spent) = rt
         .invoke_keeping(m, method, &args, Arc::from(&b"{}"[..]), limits)
         .await;
-    spent.recycle(rt).await;
+    spent.release().prepare(rt).await;
     answer.map(|rs| rs.iter().map(|r| r.get().to_owned()).collect())
 }
 
@@ -148,10 +156,7 @@ fn a_sandbox_made_ahead_serves_one_call_and_its_initialize_sees_no_args() {
 fn a_prepared_sandbox_gets_its_deadline_when_its_call_starts() {
     let rt = runtime(4);
     let m = load(&rt, "clocked");
-    let limits = Limits {
-        timeout: Duration::from_millis(300),
-        ..Limits::DEFAULT
-    };
+    let limits = timeout_ms(300);
     block_on(async {
         call(&rt, &m, "spin", &limits).await.expect("first call");
         assert_eq!(rt.prepared_sandboxes(), 1);
@@ -162,10 +167,7 @@ fn a_prepared_sandbox_gets_its_deadline_when_its_call_starts() {
             .expect("a call in a sandbox made ahead has its whole timeout");
         assert!(started.elapsed() >= Duration::from_millis(100));
         // And the deadline still holds.
-        let tight = Limits {
-            timeout: Duration::from_millis(40),
-            ..Limits::DEFAULT
-        };
+        let tight = timeout_ms(40);
         call(&rt, &m, "state", &tight)
             .await
             .expect("made under tight");
@@ -288,22 +290,18 @@ fn prepared_sandboxes_are_capped() {
 fn the_ticker_sleeps_while_a_prepared_sandbox_waits() {
     let rt = runtime(4);
     let m = load(&rt, "clocked");
-    let tight = Limits {
-        timeout: Duration::from_millis(40),
-        ..Limits::DEFAULT
-    };
+    let tight = timeout_ms(40);
     block_on(async {
         call(&rt, &m, "state", &tight).await.expect("call");
     });
     assert_eq!(rt.prepared_sandboxes(), 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !rt.epoch_ticker_idle() {
-        assert!(
-            Instant::now() < deadline,
-            "the ticker never went idle with only a prepared sandbox alive"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        eventually(Duration::from_secs(10), || rt
+            .epoch_ticker_idle()
+            .then_some(()))
+        .is_some(),
+        "the ticker never went idle with only a prepared sandbox alive"
+    );
     // The call that takes it wakes the ticker, so its deadline is enforced.
     block_on(async {
         let err = call(&rt, &m, "spin", &tight).await.expect_err("over 40 ms");

@@ -771,11 +771,6 @@ impl Spent {
         }
     }
 
-    /// [`Spent::release`], then [`Next::prepare`] at once.
-    pub async fn recycle(self, runtime: &Runtime) {
-        self.release().prepare(runtime).await;
-    }
-
     /// Drop the spent sandbox (resetting its memory, freeing its pool slot), keeping what is
     /// needed to make its module's next one later with [`Next::prepare`].
     pub fn release(self) -> Next {
