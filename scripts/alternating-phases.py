@@ -17,7 +17,7 @@ drifts of a shared or virtual machine fall on all of them alike. The server's CP
 its process's user and system time over the phase (all threads, from /proc) divided by the
 calls the phase counted. It prints each round's rates, then per server the median rate, p50
 and CPU per call, and the ratio to the first server (of the medians, and the median of the
-per-round ratios). This is what BENCHMARKS.md's runs T and U call alternating phases.
+per-round ratios). docs/bench-history.md calls this alternating phases (runs T to X).
 
 Needs a release build (`cargo build --release -p warren`) and the plugins (`make
 example-plugins`); the broker from $WARREN_BROKER or the local default. The servers' queues are
