@@ -1,13 +1,17 @@
 //! The daemon's own RPC topic, `warren.<server>`: `status`, `reload` and `rollback`, answered
 //! natively (no Wasm) through the same decode, reply and ack path as every handler.
+//!
+//! Who may use it is `[server] admin_users`: the broker users whose `user_id` RabbitMQ
+//! validated on the request. Unset, it is anyone who may publish to the exchange.
 
 use std::sync::Weak;
 
 use serde_json::{Value, json};
 
-use crate::dispatch::{Answer, Dispatcher, Service};
+use crate::dispatch::{Answer, Dispatcher, Service, USER_ID_KEY};
 use crate::metrics::TopicSeries;
 use crate::registry::Reloaded;
+use crate::runtime::outbound::classes::FORBIDDEN;
 use crate::runtime::{Failure, Spent, class};
 use crate::server::Daemon;
 use crate::wire::Request;
@@ -55,6 +59,24 @@ impl Admin {
         let Some(daemon) = self.daemon.upgrade() else {
             return Err(Failure::new(class::OVERLOADED, "daemon is shutting down"));
         };
+        let user = request.context.get(USER_ID_KEY).and_then(Value::as_str);
+        if let Some(allowed) = &daemon.config.lock().await.server.admin_users
+            && !user.is_some_and(|u| allowed.iter().any(|a| a == u))
+        {
+            let who = user.map_or_else(
+                || "a request without a broker-validated user_id".to_owned(),
+                |u| format!("broker user '{}'", u.chars().take(64).collect::<String>()),
+            );
+            crate::in_span!(
+                tracing::Level::WARN,
+                user,
+                "admin request refused: not in server.admin_users"
+            );
+            return Err(Failure::new(
+                FORBIDDEN,
+                format!("{who} may not use the admin topic (server.admin_users)"),
+            ));
+        }
         let args: Value = serde_json::from_str(request.args.get())
             .map_err(|e| Failure::new(class::INVALID_ARGS, e.to_string()))?;
         let topic = args.get("topic").and_then(Value::as_str);

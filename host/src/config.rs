@@ -98,6 +98,9 @@ pub struct Server {
     /// Where poison requests and crashed casts go (a topic exchange and a queue of that name);
     /// `None`: they are answered with a failure or logged, then acked.
     pub dead_letter_exchange: Option<String>,
+    /// The broker users (the `user_id` RabbitMQ validates) who may use the admin topic;
+    /// `None`: anyone who may publish to the exchange, `Some([])`: no one.
+    pub admin_users: Option<Vec<String>>,
 }
 
 /// One `[[handler]]`.
@@ -158,6 +161,7 @@ struct ServerFile {
     watch: Option<bool>,
     max_deliveries: Option<Spanned<u32>>,
     dead_letter_exchange: Option<Spanned<String>>,
+    admin_users: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -405,7 +409,24 @@ impl Config {
                 .dead_letter_exchange
                 .as_ref()
                 .map(|d| d.get_ref().clone()),
+            admin_users: file
+                .server
+                .admin_users
+                .as_ref()
+                .map(|u| u.get_ref().clone()),
         };
+        if let Some(users) = &file.server.admin_users
+            && let Some(bad) = users
+                .get_ref()
+                .iter()
+                .find(|u| u.is_empty() || u.len() > 255)
+        {
+            return Err(at(
+                Some(users.span()),
+                "server.admin_users",
+                format!("'{bad}' is not a broker user name (1-255 characters)"),
+            ));
+        }
         if server.max_deliveries == 0 {
             let span = file.server.max_deliveries.as_ref().map(|m| m.span());
             return Err(at(
@@ -649,6 +670,26 @@ mod tests {
         let e = parse("[[handler]]\ntopic = \"a\"\nmodule = \"a.wasm\"\ntimeout_ms = \"slow\"\n")
             .expect_err("type");
         assert_eq!(e.line, 4, "{e}");
+    }
+
+    #[test]
+    fn admin_users_are_optional_and_checked() {
+        let c = parse("[server]\nname = \"n\"\n").expect("valid");
+        assert_eq!(c.server.admin_users, None, "open unless listed");
+        let c = parse("[server]\nadmin_users = [\"ops\", \"deploy\"]\n").expect("valid");
+        assert_eq!(
+            c.server.admin_users,
+            Some(vec!["ops".to_owned(), "deploy".to_owned()])
+        );
+        let c = parse("[server]\nadmin_users = []\n").expect("valid");
+        assert_eq!(
+            c.server.admin_users,
+            Some(vec![]),
+            "an empty list admits no one"
+        );
+        let e = parse("[server]\nname = \"n\"\nadmin_users = [\"ops\", \"\"]\n")
+            .expect_err("empty name");
+        assert_eq!((e.line, e.key.as_str()), (3, "server.admin_users"), "{e}");
     }
 
     #[test]

@@ -245,3 +245,83 @@ fn the_password_can_come_from_a_file_and_never_reaches_the_log() {
         "the password reached the log:\n{log}"
     );
 }
+
+/// The login of the test broker's URL: the `user_id` RabbitMQ validates on the CLI's requests.
+fn broker_user() -> String {
+    url::Url::parse(&broker_url())
+        .map(|u| u.username().to_owned())
+        .expect("the test broker URL parses")
+}
+
+#[test]
+fn the_admin_topic_answers_only_the_listed_broker_users() {
+    let topic = unique("adm_echo");
+    let (closed, open) = (unique("adm_closed"), unique("adm_open"));
+    let _queues = DeleteQueues::rpc(&topic, &[&closed, &open]);
+    let handlers = handler(&topic, &plugin("echo"), "");
+
+    // Someone else's daemon: every admin command is refused, and the handlers keep serving.
+    let server = closed;
+    let mut daemon = Daemon::start_with(&server, &handlers, "admin_users = [\"ops-only\"]");
+    let user = broker_user();
+    for args in [
+        vec!["status", "--server", server.as_str()],
+        vec!["reload", "--server", server.as_str()],
+        vec!["rollback", "--server", server.as_str(), topic.as_str()],
+    ] {
+        let out = warren_remote(&args);
+        assert_ne!(out.code, Some(0), "{args:?} must fail: {out:?}");
+        assert!(
+            out.stderr.contains("Forbidden")
+                && out
+                    .stderr
+                    .contains(&format!("broker user '{user}' may not use the admin topic")),
+            "{args:?} is refused as Forbidden, naming the user: {out:?}"
+        );
+    }
+    let refused = daemon.wait_log("admin request refused", Duration::from_secs(10));
+    assert!(
+        refused.is_some_and(|line| line.contains(&user)),
+        "the daemon logs the refusal with the user; log:\n{}",
+        daemon.log_text()
+    );
+    let rpc = Rpc::connect();
+    assert_eq!(
+        rpc.call(
+            &any_server(&topic),
+            "echo",
+            r#"{"value": 7}"#,
+            Duration::from_secs(10)
+        )
+        .expect("echo still answers"),
+        "7"
+    );
+    assert!(
+        daemon.terminate(),
+        "clean shutdown; log:\n{}",
+        daemon.log_text()
+    );
+
+    // Listed: the same commands are answered (rollback with "no previous version", as it
+    // would be on an open daemon).
+    let server = open;
+    let mut daemon = Daemon::start_with(
+        &server,
+        &handlers,
+        &format!("admin_users = [\"ops\", \"{user}\"]"),
+    );
+    let out = warren_remote(&["status", "--server", &server, "--json"]);
+    out.assert_success();
+    assert_eq!(out.last_json()["server"], server.as_str(), "{out:?}");
+    warren_remote(&["reload", "--server", &server]).assert_success();
+    let out = warren_remote(&["rollback", "--server", &server, &topic]);
+    assert!(
+        out.stderr.contains("NoPreviousVersion") && !out.stderr.contains("Forbidden"),
+        "{out:?}"
+    );
+    assert!(
+        daemon.terminate(),
+        "clean shutdown; log:\n{}",
+        daemon.log_text()
+    );
+}

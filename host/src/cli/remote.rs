@@ -362,6 +362,14 @@ fn send(broker: &BrokerArgs, body: &str, ctx: &str, op: Op) -> ExitCode {
     })
 }
 
+/// The admin commands' shared help: who a daemon answers.
+macro_rules! admin_users_note {
+    () => {
+        "\n\nA daemon whose config sets `[server] admin_users` answers only those broker users: \
+         the\nlogin of the broker URL used here. Anyone else gets a Forbidden remote error."
+    };
+}
+
 /// Which daemon an admin command talks to.
 #[derive(Args)]
 pub struct AdminTarget {
@@ -375,7 +383,7 @@ pub struct AdminTarget {
 /// Show a running daemon's handlers: topic, module, version, hash, methods, load time, and the
 /// last reload error.
 #[derive(Args)]
-#[command(after_help = "Examples:\n  warren status\n  warren status --server host1 --json")]
+#[command(after_help = concat!("Examples:\n  warren status\n  warren status --server host1 --json", admin_users_note!()))]
 pub struct StatusArgs {
     /// Print the raw JSON.
     #[arg(long)]
@@ -387,7 +395,7 @@ pub struct StatusArgs {
 /// Make a running daemon re-read its config and its modules now (it also does this by itself
 /// when the files change).
 #[derive(Args)]
-#[command(after_help = "Examples:\n  warren reload\n  warren reload calc")]
+#[command(after_help = concat!("Examples:\n  warren reload\n  warren reload calc", admin_users_note!()))]
 pub struct ReloadArgs {
     /// Only this handler's module (the config is not re-read then).
     topic: Option<String>,
@@ -397,7 +405,7 @@ pub struct ReloadArgs {
 
 /// Put a handler back on its previous good version.
 #[derive(Args)]
-#[command(after_help = "Example:\n  warren rollback calc")]
+#[command(after_help = concat!("Example:\n  warren rollback calc", admin_users_note!()))]
 pub struct RollbackArgs {
     /// The handler's topic.
     topic: String,
