@@ -4,8 +4,9 @@
 //! lists in its `[[handler]]` entry; nothing by default), passes the request context on (with
 //! the call depth, which it bounds), and never lets a call wait past the invocation's own time
 //! limit. A refused or failed request comes back as an [`Error`] with the class the host or the
-//! remote handler gave it (`Forbidden`, `Timeout`, `Unavailable`, `CallDepthExceeded`, or the
-//! remote handler's own class), so `?` passes it on to this handler's caller unchanged.
+//! remote handler gave it (`Forbidden`, `Timeout`, `Unavailable`, `CallDepthExceeded`,
+//! `ReplyTooLarge`, or the remote handler's own class), so `?` passes it on to this handler's
+//! caller unchanged.
 //!
 //! ```
 //! use serde::Deserialize;

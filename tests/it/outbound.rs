@@ -326,3 +326,63 @@ fn a_call_to_a_topic_nobody_serves_fails_fast_and_one_nobody_answers_times_out()
         started.elapsed()
     );
 }
+
+#[test]
+#[allow(
+    clippy::result_large_err,
+    reason = "CallError is the library's own error type"
+)]
+fn a_reply_larger_than_the_callers_max_args_bytes_fails_with_reply_too_large() {
+    let (api, files) = (unique("out_api"), unique("out_files"));
+    let server = unique("d");
+    let _cleanup = [
+        DeleteQueues::rpc(&api, &[&server]),
+        DeleteQueues::rpc(&files, &[&server]),
+    ];
+    let data = tempfile::tempdir().expect("tempdir");
+    std::fs::write(data.path().join("small.txt"), "x".repeat(100)).expect("write");
+    std::fs::write(data.path().join("big.txt"), "x".repeat(20_000)).expect("write");
+    let handlers = [
+        handler(
+            &api,
+            &plugin("api"),
+            &format!("call = [\"{files}\"]\nmax_args_bytes = 4096"),
+        ),
+        handler(
+            &files,
+            &plugin("files"),
+            &format!(
+                "dirs = [{{ host = \"{}\", guest = \"/data\" }}]",
+                data.path().display()
+            ),
+        ),
+    ]
+    .concat();
+    let daemon = Daemon::start(&server, &handlers);
+    let rpc = Rpc::connect();
+    let read = |file: &str| {
+        rpc.call(
+            &any_server(&api),
+            "relay",
+            &relay(
+                &files,
+                "read",
+                serde_json::json!({"path": format!("/data/{file}")}),
+            ),
+            CALL,
+        )
+    };
+
+    let small = read("small.txt").expect("a small reply reaches the guest");
+    assert_eq!(small, format!("\"{}\"", "x".repeat(100)));
+    let err = remote_error(read("big.txt"));
+    assert_eq!(err.class, "ReplyTooLarge", "{err:?}");
+    assert!(
+        err.message
+            .contains(&format!("call to '{files}' is 20002 bytes"))
+            && err.message.contains("max_args_bytes (4096)"),
+        "{err:?}"
+    );
+    // The handler that got the failure, and the daemon, keep serving.
+    assert!(read("small.txt").is_ok(), "log:\n{}", daemon.log_text());
+}

@@ -681,6 +681,7 @@ impl Runtime {
                 sender: None,
                 deadline,
                 sent: 0,
+                max_reply_bytes: limits.max_args_bytes,
             },
             reply: Vec::new(),
             memory: None,

@@ -38,6 +38,8 @@ pub mod classes {
     pub const INVALID_REQUEST: &str = "InvalidRequest";
     /// More outbound messages than [`super::MAX_OUTBOUND_PER_INVOCATION`].
     pub const TOO_MANY_REQUESTS: &str = "TooManyRequests";
+    /// A call's result is larger than the handler accepts as input (its `max_args_bytes`).
+    pub const REPLY_TOO_LARGE: &str = "ReplyTooLarge";
 }
 
 /// Topics a handler may send to, per kind of message. Empty lists (the default) grant nothing;
@@ -146,6 +148,41 @@ const PRIORITIES: [&str; 7] = [
     "audit", "debug", "info", "warn", "error", "critical", "sample",
 ];
 
+/// Hold what a request brings back to `cap` bytes. The reply is already in the daemon's memory
+/// (the broker bounds it), but the guest would have to take all of it: a bigger result fails
+/// the request with `ReplyTooLarge`, which the guest can handle, instead of exhausting the
+/// guest's memory; a bigger remote failure (a long message, large data) is cut down to fit.
+fn bounded(
+    outcome: Result<Option<Box<RawValue>>, Failure>,
+    cap: usize,
+    what: &str,
+) -> Result<Option<Box<RawValue>>, Failure> {
+    match outcome {
+        Ok(Some(result)) if result.get().len() > cap => Err(Failure::new(
+            classes::REPLY_TOO_LARGE,
+            format!(
+                "the reply to this {what} is {} bytes, over the handler's max_args_bytes ({cap})",
+                result.get().len()
+            ),
+        )),
+        Err(mut failure) if serde_json::to_vec(&failure).map_or(0, |v| v.len()) > cap => {
+            failure.data = None;
+            failure.class = failure.class.chars().take(64).collect();
+            let keep = cap.saturating_sub(128) / 2;
+            if failure.message.len() > keep {
+                let mut end = keep;
+                while !failure.message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                failure.message.truncate(end);
+                failure.message.push_str(" [cut to fit max_args_bytes]");
+            }
+            Err(failure)
+        }
+        other => other,
+    }
+}
+
 /// Topic, server, method and event names end up in routing keys and queue names.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -165,6 +202,9 @@ pub(crate) struct Session {
     pub sender: Option<std::sync::Arc<dyn Outbound>>,
     pub deadline: Instant,
     pub sent: usize,
+    /// The largest reply handed to the guest: the handler's `max_args_bytes`, since a reply is
+    /// input to it as much as its args are.
+    pub max_reply_bytes: usize,
 }
 
 impl Session {
@@ -194,7 +234,8 @@ impl Session {
             ));
         };
         self.sent += 1;
-        sender.send(message)
+        let what = format!("{} to '{}'", kind.as_str(), message.topic);
+        bounded(sender.send(message), self.max_reply_bytes, &what)
     }
 
     fn check(
@@ -372,6 +413,7 @@ mod tests {
             sender: sender.map(|s| s as Arc<dyn Outbound>),
             deadline: Instant::now() + Duration::from_secs(5),
             sent: 0,
+            max_reply_bytes: 1 << 20,
         }
     }
 
@@ -462,6 +504,52 @@ mod tests {
         let sent = rec.sent.lock().expect("ok");
         assert!(sent[0].wait <= Duration::from_millis(300));
         assert_eq!(sent[1].wait, Duration::from_millis(5));
+    }
+
+    /// Answers every request with `answer`.
+    struct Answers(Result<Option<Box<RawValue>>, Failure>);
+
+    impl Outbound for Answers {
+        fn send(&self, _: Message) -> Result<Option<Box<RawValue>>, Failure> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn replies_are_held_to_the_handlers_max_args_bytes() {
+        let req = br#"{"topic": "calc", "method": "add"}"#;
+        let send = |cap: usize, answer: Result<Option<Box<RawValue>>, Failure>| {
+            let mut s = session(grants(), None);
+            s.sender = Some(Arc::new(Answers(answer)));
+            s.max_reply_bytes = cap;
+            s.request(Kind::Call, "api", b"{}", req)
+        };
+        let text = |n: usize| RawValue::from_string(format!("\"{}\"", "x".repeat(n - 2))).ok();
+
+        let at_cap = send(100, Ok(text(100))).expect("at the cap");
+        assert_eq!(at_cap.map(|r| r.get().len()), Some(100));
+        let err = send(100, Ok(text(101))).expect_err("over the cap");
+        assert_eq!(err.class, classes::REPLY_TOO_LARGE, "{err:?}");
+        assert!(
+            err.message.contains("call to 'calc' is 101 bytes") && err.message.contains("(100)"),
+            "{err:?}"
+        );
+
+        let small = Failure::new("ZeroDivisionError", "division by zero");
+        assert_eq!(send(400, Err(small.clone())).expect_err("passed on"), small);
+        let mut big = Failure::new("ValueError", "é".repeat(200));
+        big.data = Some(serde_json::json!({"blob": "y".repeat(500)}));
+        let err = send(400, Err(big)).expect_err("passed on, cut down");
+        assert_eq!(err.class, "ValueError", "the class stays");
+        assert_eq!(err.data, None, "{err:?}");
+        assert!(
+            err.message.starts_with("é") && err.message.ends_with("[cut to fit max_args_bytes]"),
+            "{err:?}"
+        );
+        assert!(
+            serde_json::to_vec(&err).expect("json").len() <= 400,
+            "{err:?}"
+        );
     }
 
     #[test]
