@@ -61,7 +61,7 @@ impl TopicQueues {
 
 /// The admin topic of server `name`: `warren.<name>`.
 pub fn admin_topic(name: &str) -> String {
-    format!("warren.{name}")
+    format!("{}{name}", crate::runtime::outbound::ADMIN_TOPIC_PREFIX)
 }
 
 /// A handler being served. It outlives broker connections: on every (re)connection a runner
@@ -612,10 +612,17 @@ impl Daemon {
             }
         };
         let old = self.config.lock().await.clone();
-        if old.broker != new.broker || old.server != new.server {
+        // Who may use the admin topic applies at once: revoking an operator must not wait
+        // for a restart. Every other [server] key is fixed for the life of the process.
+        let mut restart_only = old.server.clone();
+        restart_only.admin_users = new.server.admin_users.clone();
+        if old.broker != new.broker || restart_only != new.server {
             warn!(
-                "changes to [broker] or [server] take effect after a restart; handlers are reloaded now"
+                "changes to [broker] or [server] take effect after a restart (admin_users excepted); handlers are reloaded now"
             );
+        }
+        if old.server.admin_users != new.server.admin_users {
+            info!(admin_users = ?new.server.admin_users, "admin_users changed");
         }
         let wanted: HashMap<String, config::Handler> = new
             .handlers
@@ -640,6 +647,7 @@ impl Daemon {
         {
             let mut config = self.config.lock().await;
             config.handlers = new.handlers.clone();
+            config.server.admin_users = new.server.admin_users.clone();
         }
         for (topic, h) in wanted {
             if self.serving.lock().await.contains_key(&topic) {

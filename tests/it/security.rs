@@ -285,7 +285,17 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
         "the daemon logs the refusal with the user; log:\n{}",
         daemon.log_text()
     );
+    // Claiming a listed user in the request context changes nothing: only the broker's word
+    // counts.
     let rpc = Rpc::connect();
+    let spoofed = remote_error(rpc.call_with_context(
+        &any_server(&format!("warren.{server}")),
+        "status",
+        "{}",
+        r#"{"amqp_user_id": "ops-only"}"#,
+        Duration::from_secs(10),
+    ));
+    assert_eq!(spoofed.class, "Forbidden", "{spoofed:?}");
     assert_eq!(
         rpc.call(
             &any_server(&topic),
@@ -295,6 +305,28 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
         )
         .expect("echo still answers"),
         "7"
+    );
+
+    // admin_users applies as the config changes, without a restart: list the user, and the
+    // daemon answers it.
+    let config = daemon.dir.path().join("warren.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let listed = text.replace(
+        "admin_users = [\"ops-only\"]",
+        &format!("admin_users = [\"ops-only\", \"{user}\"]"),
+    );
+    assert_ne!(listed, text, "the config lists admin_users");
+    let tmp = daemon.dir.path().join(".warren.toml.tmp");
+    std::fs::write(&tmp, listed).expect("write config");
+    std::fs::rename(&tmp, &config).expect("replace config");
+    let answered = eventually(Duration::from_secs(15), || {
+        let out = warren_remote(&["status", "--server", server.as_str()]);
+        (out.code == Some(0)).then_some(())
+    });
+    assert!(
+        answered.is_some(),
+        "status answered once the user is listed; log:\n{}",
+        daemon.log_text()
     );
     assert!(
         daemon.terminate(),

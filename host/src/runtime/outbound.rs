@@ -25,6 +25,9 @@ pub const MAX_CALL_DEPTH: u64 = 8;
 /// Outbound messages one invocation may send; bounds what one guest can push to the broker.
 pub const MAX_OUTBOUND_PER_INVOCATION: usize = 64;
 
+/// Every daemon's admin topic is this prefix and its server name (`crate::server::admin_topic`).
+pub const ADMIN_TOPIC_PREFIX: &str = "warren.";
+
 /// Error classes of outbound RPC (`ABI.md`, "Outbound RPC").
 pub mod classes {
     /// The handler's config does not grant this kind of message to this topic.
@@ -64,8 +67,13 @@ impl RpcGrants {
     }
 
     /// Whether `kind` messages to `topic` are granted.
+    /// Whether `topic` is granted for `kind`. `"*"` does not cover daemons' admin topics
+    /// (`warren.<server>`): a handler's messages carry the daemon's own broker login, which may
+    /// be one that `[server] admin_users` lists, so only a grant naming the topic reaches one.
     pub fn allows(&self, kind: Kind, topic: &str) -> bool {
-        self.list(kind).iter().any(|t| t == "*" || t == topic)
+        self.list(kind)
+            .iter()
+            .any(|t| t == topic || (t == "*" && !topic.starts_with(ADMIN_TOPIC_PREFIX)))
     }
 }
 
@@ -165,22 +173,30 @@ fn bounded(
                 result.get().len()
             ),
         )),
-        Err(mut failure) if serde_json::to_vec(&failure).map_or(0, |v| v.len()) > cap => {
+        Err(mut failure) if json_len(&failure) > cap => {
             failure.data = None;
             failure.class = failure.class.chars().take(64).collect();
-            let keep = cap.saturating_sub(128) / 2;
-            if failure.message.len() > keep {
-                let mut end = keep;
-                while !failure.message.is_char_boundary(end) {
-                    end -= 1;
+            // Escaping makes a character up to six bytes of JSON, so halve the message until
+            // the whole failure fits; a cap too small for any of it leaves the class alone.
+            let mut keep = failure.message.len().min(cap);
+            while json_len(&failure) > cap && !failure.message.is_empty() {
+                keep /= 2;
+                while !failure.message.is_char_boundary(keep) {
+                    keep -= 1;
                 }
-                failure.message.truncate(end);
-                failure.message.push_str(" [cut to fit max_args_bytes]");
+                failure.message.truncate(keep);
+                if keep > 0 {
+                    failure.message.push_str(" [cut to fit max_args_bytes]");
+                }
             }
             Err(failure)
         }
         other => other,
     }
+}
+
+fn json_len(failure: &Failure) -> usize {
+    serde_json::to_vec(failure).map_or(0, |v| v.len())
 }
 
 /// Topic, server, method and event names end up in routing keys and queue names.
@@ -537,19 +553,39 @@ mod tests {
 
         let small = Failure::new("ZeroDivisionError", "division by zero");
         assert_eq!(send(400, Err(small.clone())).expect_err("passed on"), small);
-        let mut big = Failure::new("ValueError", "é".repeat(200));
-        big.data = Some(serde_json::json!({"blob": "y".repeat(500)}));
-        let err = send(400, Err(big)).expect_err("passed on, cut down");
-        assert_eq!(err.class, "ValueError", "the class stays");
-        assert_eq!(err.data, None, "{err:?}");
-        assert!(
-            err.message.starts_with("é") && err.message.ends_with("[cut to fit max_args_bytes]"),
-            "{err:?}"
+        // Three-byte characters (cuts land inside them) and control characters (six bytes
+        // each in JSON), with data to drop.
+        for (message, first) in [("€".repeat(300), "€"), ("\u{1}".repeat(300), "\u{1}")] {
+            let mut big = Failure::new("ValueError", message);
+            big.data = Some(serde_json::json!({"blob": "y".repeat(500)}));
+            let err = send(401, Err(big)).expect_err("passed on, cut down");
+            assert_eq!(err.class, "ValueError", "the class stays");
+            assert_eq!(err.data, None, "{err:?}");
+            assert!(
+                err.message.starts_with(first)
+                    && err.message.ends_with("[cut to fit max_args_bytes]"),
+                "{err:?}"
+            );
+            assert!(json_len(&err) <= 401, "{} bytes: {err:?}", json_len(&err));
+        }
+        let err = send(30, Err(Failure::new("ValueError", "x".repeat(100)))).expect_err("cut");
+        assert_eq!(
+            (err.class.as_str(), err.message.as_str()),
+            ("ValueError", "")
         );
-        assert!(
-            serde_json::to_vec(&err).expect("json").len() <= 400,
-            "{err:?}"
-        );
+    }
+
+    #[test]
+    fn a_wildcard_grant_does_not_reach_admin_topics() {
+        let g = RpcGrants {
+            call: vec!["*".into()],
+            cast: vec!["*".into(), "warren.host2".into()],
+            notify: vec![],
+        };
+        assert!(g.allows(Kind::Call, "calc"));
+        assert!(!g.allows(Kind::Call, "warren.host1"), "not through \"*\"");
+        assert!(g.allows(Kind::Cast, "warren.host2"), "named: granted");
+        assert!(!g.allows(Kind::Cast, "warren.host1"));
     }
 
     #[test]
