@@ -66,10 +66,9 @@ impl RpcGrants {
         }
     }
 
-    /// Whether `kind` messages to `topic` are granted.
-    /// Whether `topic` is granted for `kind`. `"*"` does not cover daemons' admin topics
-    /// (`warren.<server>`): a handler's messages carry the daemon's own broker login, which may
-    /// be one that `[server] admin_users` lists, so only a grant naming the topic reaches one.
+    /// Whether `kind` messages to `topic` are granted. `"*"` does not cover daemons' admin
+    /// topics (`warren.<server>`): a handler's messages carry the daemon's own broker login,
+    /// which `[server] admin_users` may list, so only a grant naming the topic reaches one.
     pub fn allows(&self, kind: Kind, topic: &str) -> bool {
         self.list(kind)
             .iter()
