@@ -14,7 +14,7 @@ use warren::client::{CallError, Client};
 
 use crate::support::{
     Daemon, DeleteQueues, EXCHANGE, Rpc, any_server, broker_url, eventually, handler, plugin,
-    remote_error, unique, warren_remote, whoami_wat,
+    remote_error, unique, warren_remote, whoami_wat, write_atomic,
 };
 
 const CALL: Duration = Duration::from_secs(10);
@@ -116,14 +116,6 @@ impl Fixture {
             .unwrap_or_else(|| panic!("status does not list {}: {status}", self.topic))
             .clone()
     }
-}
-
-/// Replace `path` the way deploy tools do: write a temp file next to it, then rename it over.
-fn write_atomic(path: &Path, bytes: &[u8]) {
-    let name = path.file_name().expect("file name").to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).expect("write temp file");
-    std::fs::rename(&tmp, path).expect("rename over");
 }
 
 /// What `warren status` shows as `hash`: the first 6 bytes of the file's SHA-256, hex.

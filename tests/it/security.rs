@@ -289,7 +289,7 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
     // counts.
     let rpc = Rpc::connect();
     let spoofed = remote_error(rpc.call_with_context(
-        &any_server(&format!("warren.{server}")),
+        &any_server(&warren::server::admin_topic(&server)),
         "status",
         "{}",
         r#"{"amqp_user_id": "ops-only"}"#,
@@ -316,9 +316,7 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
         &format!("admin_users = [\"ops-only\", \"{user}\"]"),
     );
     assert_ne!(listed, text, "the config lists admin_users");
-    let tmp = daemon.dir.path().join(".warren.toml.tmp");
-    std::fs::write(&tmp, listed).expect("write config");
-    std::fs::rename(&tmp, &config).expect("replace config");
+    write_atomic(&config, listed.as_bytes());
     let answered = eventually(Duration::from_secs(15), || {
         let out = warren_remote(&["status", "--server", server.as_str()]);
         (out.code == Some(0)).then_some(())

@@ -205,6 +205,14 @@ pub fn handler(topic: &str, module: &Path, extra: &str) -> String {
     )
 }
 
+/// Replace `path` the way deploy tools do: write a temp file next to it, then rename it over.
+pub fn write_atomic(path: &Path, bytes: &[u8]) {
+    let name = path.file_name().expect("file name").to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename over");
+}
+
 /// Write WAT text to a file in `dir` and return its path.
 pub fn wat_file(dir: &Path, name: &str, wat: &str) -> PathBuf {
     let path = dir.join(format!("{name}.wat"));
