@@ -256,18 +256,45 @@ fn broker_user() -> String {
 #[test]
 fn the_admin_topic_answers_only_the_listed_broker_users() {
     let topic = unique("adm_echo");
+    let who_topic = unique("adm_who");
     let (closed, open) = (unique("adm_closed"), unique("adm_open"));
-    let _queues = DeleteQueues::rpc(&topic, &[&closed, &open]);
+    let _queues = [
+        DeleteQueues::rpc(&topic, &[&closed, &open]),
+        DeleteQueues::rpc(&who_topic, &[&closed]),
+    ];
     let handlers = handler(&topic, &plugin("echo"), "");
+    let modules = tempfile::tempdir().expect("tempdir");
+    let who_module = wat_file(modules.path(), "who", &whoami_wat("v1"));
 
     // Someone else's daemon: every admin command is refused, and the handlers keep serving.
     let server = closed;
-    let mut daemon = Daemon::start_with(&server, &handlers, "admin_users = [\"ops-only\"]");
+    let mut daemon = Daemon::start_with(
+        &server,
+        &format!("{handlers}{}", handler(&who_topic, &who_module, "")),
+        "admin_users = [\"ops-only\"]",
+    );
+    let rpc = Rpc::connect();
+    let who = || {
+        rpc.call(
+            &any_server(&who_topic),
+            "whoami",
+            "{}",
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("whoami: {e}; log:\n{}", daemon.log_text()))
+    };
+    // A second version, so that a rollback would have somewhere to go.
+    write_atomic(&who_module, whoami_wat("v2").as_bytes());
+    let reloaded = eventually(Duration::from_secs(15), || {
+        (who() == r#""v2""#).then_some(())
+    });
+    assert!(reloaded.is_some(), "v2 served; log:\n{}", daemon.log_text());
     let user = broker_user();
     for args in [
         vec!["status", "--server", server.as_str()],
         vec!["reload", "--server", server.as_str()],
         vec!["rollback", "--server", server.as_str(), topic.as_str()],
+        vec!["rollback", "--server", server.as_str(), who_topic.as_str()],
     ] {
         let out = warren_remote(&args);
         assert_ne!(out.code, Some(0), "{args:?} must fail: {out:?}");
@@ -285,9 +312,10 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
         "the daemon logs the refusal with the user; log:\n{}",
         daemon.log_text()
     );
+    // The refused rollback did nothing: v2 still answers.
+    assert_eq!(who(), r#""v2""#, "a refused rollback must not roll back");
     // Claiming a listed user in the request context changes nothing: only the broker's word
     // counts.
-    let rpc = Rpc::connect();
     let spoofed = remote_error(rpc.call_with_context(
         &any_server(&warren::server::admin_topic(&server)),
         "status",
