@@ -204,6 +204,19 @@ fn with_defaults(url: &str, heartbeat: u16) -> String {
     url
 }
 
+/// The user `url` logs in as, decoded from the URL exactly as lapin decodes it for the
+/// handshake (`ops%40corp` logs in as `ops@corp`), for the `user_id` property: RabbitMQ refuses
+/// a message whose `user_id` is not the login. `None` when the URL names no user, since then the
+/// login is lapin's default or, with a client certificate, the broker's choice, and a wrong
+/// guess would get every message refused.
+pub fn login_user(url: &str) -> Option<String> {
+    if url::Url::parse(url).ok()?.username().is_empty() {
+        return None;
+    }
+    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
+    Some(uri.authority.userinfo.username).filter(|user| !user.is_empty())
+}
+
 /// Queue flags, spelled as oslo.messaging spells them.
 #[derive(Debug, Clone, Default)]
 pub struct QueueSpec {
@@ -654,6 +667,29 @@ impl Publisher {
 #[cfg(test)]
 mod url_tests {
     use super::*;
+
+    #[test]
+    fn the_login_user_is_decoded_as_lapin_logs_in() {
+        assert_eq!(
+            login_user("amqp://ops:pw@h:5672/%2f").as_deref(),
+            Some("ops")
+        );
+        // What lapin authenticates with, so what RabbitMQ accepts as `user_id`.
+        assert_eq!(
+            login_user("amqp://ops%40corp:p%3Aw@h/%2f").as_deref(),
+            Some("ops@corp")
+        );
+        assert_eq!(
+            login_user("amqps://%C3%A9quipe@h/").as_deref(),
+            Some("équipe")
+        );
+        // No user named: no claim (lapin's default login, or a certificate's).
+        assert_eq!(login_user("amqp://h:5672/%2f"), None);
+        assert_eq!(login_user("amqp://:pw@h/"), None);
+        // Not valid UTF-8 once decoded: lapin refuses the URL, so nothing is claimed.
+        assert_eq!(login_user("amqp://%FF@h/"), None);
+        assert_eq!(login_user("not a url"), None);
+    }
 
     #[test]
     fn heartbeat_and_frame_max_are_added_unless_the_url_sets_them() {

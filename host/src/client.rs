@@ -163,7 +163,7 @@ impl Client {
             url: url.to_owned(),
             tls: tls.clone(),
             exchange: exchange.to_owned(),
-            user: user_of(url),
+            user: crate::amqp::login_user(url),
             link: tokio::sync::Mutex::new(None),
         }
     }
@@ -474,15 +474,6 @@ impl Client {
             Published::Nacked => Err(CallError::Refused),
         }
     }
-}
-
-/// The login user of `url`, sent as `user_id`. Percent-encoded names are left out rather than
-/// decoded by hand: a wrong `user_id` would make the broker refuse every message.
-fn user_of(url: &str) -> Option<String> {
-    url::Url::parse(url)
-        .ok()
-        .map(|u| u.username().to_owned())
-        .filter(|u| !u.is_empty() && !u.contains('%'))
 }
 
 fn register(waiters: &Waiters, msg_id: &str, tx: mpsc::UnboundedSender<Reply>) -> WaiterGuard {

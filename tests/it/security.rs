@@ -383,3 +383,61 @@ fn the_admin_topic_answers_only_the_listed_broker_users() {
         daemon.log_text()
     );
 }
+
+/// A login that must be percent-encoded in the broker URL (`ops@corp`) is still sent as the
+/// `user_id` the broker validates: the broker accepts the CLI's messages, and `admin_users` can
+/// list it. On a private node, where the test may add users.
+#[test]
+fn a_percent_encoded_login_is_the_user_id_that_admin_users_lists() {
+    let broker = PrivateBroker::start();
+    for args in [
+        ["add_user", "ops@corp", "s3cr:t"].as_slice(),
+        &["set_permissions", "-p", "/", "ops@corp", ".*", ".*", ".*"],
+    ] {
+        let out = broker.ctl(args);
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let server = unique("pct");
+    let topic = unique("pct_echo");
+    let config = format!(
+        "[broker]\nurl = \"{}\"\nexchange = \"{EXCHANGE}\"\n\n\
+         [server]\nname = \"{server}\"\nadmin_users = [\"ops@corp\"]\n\n\
+         [[handler]]\ntopic = \"{topic}\"\nmodule = \"{}\"\n",
+        broker.url(),
+        plugin("echo").display()
+    );
+    let daemon = Daemon::start_config(&server, &config);
+    let ops = format!("amqp://ops%40corp:s3cr%3At@{}/%2f", broker.addr());
+
+    // Every message carries `user_id` "ops@corp"; a wrong one would be refused by the broker.
+    let out = cli(&[
+        "call",
+        "--broker",
+        &ops,
+        &topic,
+        "echo",
+        r#"{"value": "pct"}"#,
+    ]);
+    out.assert_success();
+    assert_eq!(out.stdout.trim(), r#""pct""#);
+    let out = cli(&["status", "--server", &server, "--broker", &ops]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains(&topic),
+        "status lists the handler: {out:?}; log:\n{}",
+        daemon.log_text()
+    );
+
+    // The daemon's own login, guest, is not listed.
+    let out = cli(&["status", "--server", &server, "--broker", &broker.url()]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("broker user 'guest' may not use the admin topic"),
+        "{out:?}"
+    );
+}
