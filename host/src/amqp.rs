@@ -206,15 +206,21 @@ fn with_defaults(url: &str, heartbeat: u16) -> String {
 
 /// The user `url` logs in as, decoded from the URL exactly as lapin decodes it for the
 /// handshake (`ops%40corp` logs in as `ops@corp`), for the `user_id` property: RabbitMQ refuses
-/// a message whose `user_id` is not the login. `None` when the URL names no user, since then the
-/// login is lapin's default or, with a client certificate, the broker's choice, and a wrong
+/// a message whose `user_id` is not the login. `None` when the URL names no user (the login is
+/// then lapin's default), and with `auth_mechanism=external` or `anonymous`, where lapin sends
+/// no credentials and the broker picks the user (a client certificate's name, say): a wrong
 /// guess would get every message refused.
 pub fn login_user(url: &str) -> Option<String> {
+    use lapin::uri::{AMQPUri, SASLMechanism};
     if url::Url::parse(url).ok()?.username().is_empty() {
         return None;
     }
-    let uri: lapin::uri::AMQPUri = url.parse().ok()?;
-    Some(uri.authority.userinfo.username).filter(|user| !user.is_empty())
+    let uri: AMQPUri = url.parse().ok()?;
+    let by_password = match uri.query.auth_mechanism.unwrap_or_default() {
+        SASLMechanism::Plain | SASLMechanism::AMQPlain | SASLMechanism::RabbitCrDemo => true,
+        SASLMechanism::External | SASLMechanism::Anonymous => false,
+    };
+    Some(uri.authority.userinfo.username).filter(|user| by_password && !user.is_empty())
 }
 
 /// Queue flags, spelled as oslo.messaging spells them.
@@ -686,6 +692,13 @@ mod url_tests {
         // No user named: no claim (lapin's default login, or a certificate's).
         assert_eq!(login_user("amqp://h:5672/%2f"), None);
         assert_eq!(login_user("amqp://:pw@h/"), None);
+        assert_eq!(
+            login_user("amqp://ops@h/?auth_mechanism=amqplain").as_deref(),
+            Some("ops")
+        );
+        // The broker picks the login (a client certificate's name): no claim.
+        assert_eq!(login_user("amqps://ops@h/?auth_mechanism=external"), None);
+        assert_eq!(login_user("amqp://ops@h/?auth_mechanism=ANONYMOUS"), None);
         // Not valid UTF-8 once decoded: lapin refuses the URL, so nothing is claimed.
         assert_eq!(login_user("amqp://%FF@h/"), None);
         assert_eq!(login_user("not a url"), None);
