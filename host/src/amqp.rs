@@ -689,7 +689,7 @@ mod url_tests {
             login_user("amqps://%C3%A9quipe@h/").as_deref(),
             Some("équipe")
         );
-        // No user named: no claim (lapin's default login, or a certificate's).
+        // No user named: no claim (lapin logs in as its default, guest).
         assert_eq!(login_user("amqp://h:5672/%2f"), None);
         assert_eq!(login_user("amqp://:pw@h/"), None);
         assert_eq!(
