@@ -54,6 +54,11 @@ pub struct Handler {
     /// Hash of the last file that failed, so an unchanged bad file is not retried and re-logged
     /// on every event; the next change is tried again.
     last_failed: Mutex<Option<[u8; 32]>>,
+    /// Hash of the file bytes last swapped in (or served first). A reload acts on a change of
+    /// the file, not on a difference from what serves: after a rollback the file still holds
+    /// the version rolled back from, and a late watcher event or a `warren reload` must not
+    /// bring it back.
+    last_loaded: Mutex<[u8; 32]>,
     /// Requests served, for `warren status`.
     pub stats: Stats,
 }
@@ -107,6 +112,7 @@ pub struct HandlerStatus {
 impl Handler {
     /// A handler serving `module` as version 1.
     pub fn new(topic: String, path: PathBuf, limits: Limits, module: Module) -> Self {
+        let loaded = *module.sha256();
         let version = Version {
             id: 1,
             module,
@@ -121,6 +127,7 @@ impl Handler {
             next_id: Mutex::new(2),
             last_error: Mutex::new(None),
             last_failed: Mutex::new(None),
+            last_loaded: Mutex::new(loaded),
             stats: Stats::default(),
         }
     }
@@ -176,11 +183,15 @@ impl Handler {
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if &hash == self.current().module.sha256() {
             // Back to the bytes that serve (a revert, or delete and re-create): nothing failed.
+            *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) = hash;
             *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
             *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Reloaded::Unchanged;
         }
-        if *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash) {
+        let file_unchanged = *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) == hash;
+        if file_unchanged
+            || *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash)
+        {
             return Reloaded::Unchanged;
         }
         if bytes.is_empty() {
@@ -191,6 +202,7 @@ impl Handler {
         }
         match runtime.load_cached(&self.topic, &bytes, &self.limits, cache) {
             Ok((module, _)) => {
+                *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) = hash;
                 let id = self.swap(module);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;

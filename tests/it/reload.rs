@@ -553,6 +553,11 @@ fn rollback_brings_the_previous_version_back() {
         "the rollback was not logged; log:\n{}",
         f.daemon.log_text()
     );
+    // The rollback holds until the file changes: the file still holds v2, and neither a reload
+    // nor a late event of the watcher's brings it back.
+    warren_remote(&["reload", "--server", &server]).assert_success();
+    assert_eq!(f.who(), r#""v1""#, "a reload undid the rollback");
+    assert_eq!(f.status()["version"], 1);
 
     // Rolling back again returns to v2: the two versions trade places.
     let forth = warren_remote(&["rollback", &f.topic, "--server", &server]);

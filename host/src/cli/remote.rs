@@ -404,6 +404,9 @@ pub struct ReloadArgs {
 }
 
 /// Put a handler back on its previous good version.
+///
+/// The version rolled back from is kept: a second rollback goes forward again. The rollback
+/// holds until the module file changes; reloads of the unchanged file leave it in place.
 #[derive(Args)]
 #[command(after_help = concat!("Example:\n  warren rollback calc", admin_users_note!()))]
 pub struct RollbackArgs {
