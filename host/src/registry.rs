@@ -51,14 +51,11 @@ pub struct Handler {
     previous: Mutex<Option<Arc<Version>>>,
     next_id: Mutex<u64>,
     last_error: Mutex<Option<(SystemTime, String)>>,
-    /// Hash of the last file that failed, so an unchanged bad file is not retried and re-logged
-    /// on every event; the next change is tried again.
-    last_failed: Mutex<Option<[u8; 32]>>,
-    /// Hash of the file bytes last swapped in (or served first). A reload acts on a change of
-    /// the file, not on a difference from what serves: after a rollback the file still holds
-    /// the version rolled back from, and a late watcher event or a `warren reload` must not
-    /// bring it back.
-    last_loaded: Mutex<[u8; 32]>,
+    /// Hash of the file bytes a reload last acted on (swapped in, served first, or failed). A
+    /// reload acts only when the file changed since: an unchanged bad file is not retried and
+    /// re-logged on every event, and after a rollback, where the file still holds the version
+    /// rolled back from, a late watcher event or a `warren reload` does not bring it back.
+    last_read: Mutex<[u8; 32]>,
     /// Requests served, for `warren status`.
     pub stats: Stats,
 }
@@ -126,8 +123,7 @@ impl Handler {
             previous: Mutex::new(None),
             next_id: Mutex::new(2),
             last_error: Mutex::new(None),
-            last_failed: Mutex::new(None),
-            last_loaded: Mutex::new(loaded),
+            last_read: Mutex::new(loaded),
             stats: Stats::default(),
         }
     }
@@ -183,15 +179,11 @@ impl Handler {
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if &hash == self.current().module.sha256() {
             // Back to the bytes that serve (a revert, or delete and re-create): nothing failed.
-            *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+            *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = hash;
             *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
             return Reloaded::Unchanged;
         }
-        let file_unchanged = *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) == hash;
-        if file_unchanged
-            || *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) == Some(hash)
-        {
+        if *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) == hash {
             return Reloaded::Unchanged;
         }
         if bytes.is_empty() {
@@ -202,10 +194,9 @@ impl Handler {
         }
         match runtime.load_cached(&self.topic, &bytes, &self.limits, cache) {
             Ok((module, _)) => {
-                *self.last_loaded.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+                *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = hash;
                 let id = self.swap(module);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Reloaded::Swapped { id }
             }
             Err(e) => self.failed(Some(hash), format!("{}: {e}", self.path.display())),
@@ -215,8 +206,8 @@ impl Handler {
     fn failed(&self, hash: Option<[u8; 32]>, message: String) -> Reloaded {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((SystemTime::now(), message.clone()));
-        if hash.is_some() {
-            *self.last_failed.lock().unwrap_or_else(|p| p.into_inner()) = hash;
+        if let Some(hash) = hash {
+            *self.last_read.lock().unwrap_or_else(|p| p.into_inner()) = hash;
         }
         Reloaded::Failed(message)
     }

@@ -564,6 +564,17 @@ fn rollback_brings_the_previous_version_back() {
     forth.assert_success();
     assert_eq!(forth.stdout, format!("{}: now serving version 2", f.topic));
     assert_eq!(f.who(), r#""v2""#);
+
+    // Rolled back to v1 once more, the file changes (to a broken module) and then back to v2:
+    // that is a change of the file, so v2 serves again, as a new version.
+    warren_remote(&["rollback", &f.topic, "--server", &server]).assert_success();
+    assert_eq!(f.who(), r#""v1""#);
+    write_atomic(&f.module, b"(module broken");
+    f.wait_count(RELOAD_FAILED, 1);
+    assert_eq!(f.who(), r#""v1""#);
+    write_atomic(&f.module, whoami_wat("v2").as_bytes());
+    f.wait_serving("v2");
+    assert_eq!(f.status()["version"], 3);
 }
 
 #[test]
