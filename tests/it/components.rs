@@ -24,7 +24,7 @@ const CALL: Duration = Duration::from_secs(20);
 const RELOAD: Duration = Duration::from_secs(60);
 
 /// `hello-rust-component` built with its `hostile` feature (extra methods that spin, grow,
-/// read files and env, sleep), into a target directory of its own.
+/// read files and env, sleep, count their instance's calls), into a target directory of its own.
 fn hostile_component() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -112,6 +112,60 @@ fn a_rust_component_answers_through_the_library_like_a_module() {
     assert_eq!(err.class, "ResultTooLarge", "{err}");
     let err = call(&rt, &m, "count", r#"{"n": 100}"#, &small).expect_err("cap");
     assert_eq!(err.class, "ResultTooLarge", "{err}");
+}
+
+/// A component's next sandbox is made once a call is answered, as a module's is, and it still
+/// serves exactly one call (`calls` counts the calls its instance served) with that call's
+/// context.
+#[test]
+fn a_components_next_sandbox_is_made_ahead_and_serves_one_call() {
+    let rt = Runtime::new(&EngineSettings {
+        max_prepared: 4,
+        ..EngineSettings::small()
+    })
+    .expect("runtime");
+    let m = load(&rt, &hostile_component(), &Limits::DEFAULT);
+    let run = |method: &'static str, context: &'static [u8]| {
+        let rt = &rt;
+        let m = &m;
+        async move {
+            let args = parse_args("{}").expect("args");
+            let (answer, spent) = rt
+                .invoke_keeping(m, method, &args, Arc::from(context), &Limits::DEFAULT)
+                .await;
+            // Taken by this call, if there was one; the next is made only below.
+            let left = rt.prepared_sandboxes();
+            spent.release().prepare(rt).await;
+            let results = answer.unwrap_or_else(|e| panic!("{method}: {e}"));
+            (results[0].get().to_owned(), left)
+        }
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("executor")
+        .block_on(async {
+            assert_eq!(rt.prepared_sandboxes(), 0);
+            assert_eq!(run("calls", b"{}").await, ("1".to_owned(), 0));
+            assert_eq!(
+                rt.prepared_sandboxes(),
+                1,
+                "made once the first call was answered"
+            );
+            for i in 0..3 {
+                assert_eq!(
+                    run("calls", b"{}").await,
+                    ("1".to_owned(), 0),
+                    "call {i}: a fresh instance, the one made ahead"
+                );
+                assert_eq!(rt.prepared_sandboxes(), 1, "after call {i}");
+            }
+            // Made before its call, it still gets the call's context.
+            assert_eq!(
+                run("whoami", br#"{"user_id": "u1"}"#).await,
+                (r#""u1""#.to_owned(), 0)
+            );
+        });
 }
 
 #[test]

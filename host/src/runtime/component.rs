@@ -19,8 +19,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::abi::{self, Counts, State};
 use super::stdio::CappedPipe;
 use super::{
-    CacheOutcome, Code, Failure, LoadError, Method, Module, ModuleCache, ModuleInner, Runtime,
-    Sandbox, class,
+    CacheOutcome, Code, Failure, LoadError, Made, Method, Module, ModuleCache, ModuleInner,
+    Runtime, Sandbox, class,
 };
 
 wasmtime::component::bindgen!({
@@ -266,16 +266,15 @@ impl Sandbox {
         args: &RawValue,
         limits: &super::Limits,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
-        let Code::Component(code) = &self.module.inner.code else {
+        if !matches!(self.module.inner.code, Code::Component(_)) {
             return Err(Failure::new(class::INTERNAL, "not a component"));
-        };
-        let pre = code.pre.clone();
+        }
         let context_text = std::str::from_utf8(&self.store.data().context)
             .map_err(|_| Failure::new(class::INVALID_ARGS, "context is not UTF-8"))?
             .to_owned();
-        let instance = match pre.instantiate_async(&mut self.store).await {
-            Ok(instance) => instance,
-            Err(e) => return Err(self.classify(e, "instantiation")),
+        let instance = match self.instance.take() {
+            Some(Made::Component(instance)) => instance,
+            _ => self.start_component().await?,
         };
         let called = instance
             .warren_handler_handler()
@@ -299,6 +298,22 @@ impl Sandbox {
                 self.finish(0)?;
                 Err(failure)
             }
+        }
+    }
+
+    /// Instantiate the component (its start functions run), before its call or ahead of it
+    /// ([`super::Next::prepare`]): either way the guest sees no args or context until `call`.
+    pub(super) async fn start_component(&mut self) -> Result<HandlerWorld, Failure> {
+        let Code::Component(code) = &self.module.inner.code else {
+            return Err(Failure::new(class::INTERNAL, "not a component"));
+        };
+        let pre = code.pre.clone();
+        match pre.instantiate_async(&mut self.store).await {
+            Ok(instance) => {
+                self.started = true;
+                Ok(instance)
+            }
+            Err(e) => Err(self.classify(e, "instantiation")),
         }
     }
 

@@ -118,7 +118,7 @@ struct ModuleInner {
     ahead: Ahead,
 }
 
-/// A core module's next sandbox, made once a call is answered so that the next call finds its
+/// A module's next sandbox, made once a call is answered so that the next call finds its
 /// instance ready (see [`Next::prepare`]).
 struct Ahead {
     ready: Mutex<Option<Prepared>>,
@@ -138,11 +138,11 @@ impl Default for Ahead {
     }
 }
 
-/// An instance made and initialised (`_initialize` run) but not yet called. Only the call
-/// that takes it runs it, once; it is then dropped like any other sandbox.
+/// An instance made and initialised (`_initialize` run, or a component's start) but not yet
+/// called. Only the call that takes it runs it, once; it is then dropped like any other sandbox.
 struct Prepared {
     store: Store<State>,
-    instance: wasmtime::Instance,
+    instance: Made,
     /// The limits it was made under; a call under other limits (a config reload) drops it.
     limits: Limits,
     _held: PreparedSlot,
@@ -168,6 +168,12 @@ enum Code {
     },
     /// A component targeting the `warren:handler` world (`guest-sdk/wit`).
     Component(component::ComponentCode),
+}
+
+/// An instance that came up in its sandbox's `Store`, of either kind.
+enum Made {
+    Core(wasmtime::Instance),
+    Component(component::HandlerWorld),
 }
 
 /// How a method is reached.
@@ -567,15 +573,19 @@ impl Runtime {
                 outcome = sandbox.call_core(export, input, context, outbound).await;
             }
             None => {
-                let input = Vec::new();
-                sandbox = self.sandbox(module, input, context, limits, yields);
-                sandbox.store.data_mut().outbound.sender = outbound;
+                sandbox = match module.take_prepared(limits) {
+                    Some(prepared) => self.resume(module, prepared, limits, yields),
+                    None => self.sandbox(module, Vec::new(), empty_context(), limits, yields),
+                };
+                let state = sandbox.store.data_mut();
+                state.context = context;
+                state.outbound.sender = outbound;
                 outcome = sandbox.call_component(method, args, limits).await;
             }
         }
-        // A core module whose instance came up (so its next one very likely will) gets its
-        // next sandbox made once this call is answered; a component does not (yet).
-        let next = (export.is_some() && sandbox.started).then(|| limits.clone());
+        // A module whose instance came up (so its next one very likely will) gets its next
+        // sandbox made once this call is answered.
+        let next = sandbox.started.then(|| limits.clone());
         (
             outcome,
             Spent {
@@ -595,13 +605,13 @@ impl Runtime {
         if ahead.making.swap(true, Ordering::AcqRel) {
             return;
         }
-        struct Made<'a>(&'a AtomicBool);
-        impl Drop for Made<'_> {
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
             fn drop(&mut self) {
                 self.0.store(false, Ordering::Release);
             }
         }
-        let _made = Made(&ahead.making);
+        let _done = Done(&ahead.making);
         if !ahead.serving.load(Ordering::Acquire)
             || ahead.ready.lock().map_or(true, |slot| slot.is_some())
         {
@@ -619,7 +629,11 @@ impl Runtime {
         }
         let held = PreparedSlot(self.prepared.clone());
         let mut sandbox = self.sandbox(module, Vec::new(), empty_context(), limits, true);
-        match sandbox.start().await {
+        let made = match module.inner.code {
+            Code::Core { .. } => sandbox.start().await.map(Made::Core),
+            Code::Component(_) => sandbox.start_component().await.map(Made::Component),
+        };
+        match made {
             Ok(instance) => {
                 let prepared = Prepared {
                     store: sandbox.store,
@@ -813,8 +827,8 @@ struct Sandbox {
     timeout: Duration,
     log_stdio: bool,
     /// The instance, when it was made ahead (prepared) and is still to be called.
-    instance: Option<wasmtime::Instance>,
-    /// Whether the instance came up (instantiated, `_initialize` run).
+    instance: Option<Made>,
+    /// Whether the instance came up (instantiated, `_initialize` or a component's start run).
     started: bool,
     /// Keeps the epoch ticker ticking while this sandbox may run guest code.
     _running: engine::Running,
@@ -833,8 +847,8 @@ impl Sandbox {
         outbound: Option<Arc<dyn Outbound>>,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         let instance = match self.instance.take() {
-            Some(instance) => instance,
-            None => self.start().await?,
+            Some(Made::Core(instance)) => instance,
+            _ => self.start().await?,
         };
         let state = self.store.data_mut();
         state.input = input;

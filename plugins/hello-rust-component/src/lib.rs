@@ -18,6 +18,7 @@ const METHODS: &[&str] = &["count", "echo", "fail", "whoami"];
 
 #[cfg(feature = "hostile")]
 const HOSTILE: &[&str] = &[
+    "calls",
     "env",
     "grow",
     "read_file",
@@ -103,6 +104,14 @@ mod hostile {
     pub fn call(method: &str, args: &Value) -> Result<Option<String>, Error> {
         let text = |s: String| Ok(Some(Value::String(s).to_string()));
         match method {
+            // How many calls this instance has served, this one included: 1 in a fresh one.
+            "calls" => {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static CALLS: AtomicU32 = AtomicU32::new(0);
+                Ok(Some(
+                    (CALLS.fetch_add(1, Ordering::Relaxed) + 1).to_string(),
+                ))
+            }
             // Never returns: only the host's time limit stops it.
             "spin" => {
                 let mut i: u64 = 0;
