@@ -116,11 +116,13 @@ fn a_rust_component_answers_through_the_library_like_a_module() {
 
 /// A component's next sandbox is made once a call is answered, as a module's is, and it still
 /// serves exactly one call (`calls` counts the calls its instance served) with that call's
-/// context.
+/// context. The pool has room for one instance, so a call that made its own beside the one
+/// made ahead would fail as `Overloaded`.
 #[test]
 fn a_components_next_sandbox_is_made_ahead_and_serves_one_call() {
     let rt = Runtime::new(&EngineSettings {
-        max_prepared: 4,
+        max_instances: 1,
+        max_prepared: 1,
         ..EngineSettings::small()
     })
     .expect("runtime");

@@ -264,18 +264,25 @@ impl Sandbox {
         &mut self,
         method: &str,
         args: &RawValue,
+        context: Arc<[u8]>,
+        outbound: Option<Arc<dyn super::Outbound>>,
         limits: &super::Limits,
     ) -> Result<Vec<Box<RawValue>>, Failure> {
         if !matches!(self.module.inner.code, Code::Component(_)) {
             return Err(Failure::new(class::INTERNAL, "not a component"));
         }
-        let context_text = std::str::from_utf8(&self.store.data().context)
+        let context_text = std::str::from_utf8(&context)
             .map_err(|_| Failure::new(class::INVALID_ARGS, "context is not UTF-8"))?
             .to_owned();
         let instance = match self.instance.take() {
             Some(Made::Component(instance)) => instance,
             _ => self.start_component().await?,
         };
+        // Only now, as for a module: instantiation sees the same (no outbound sender) whether
+        // it ran ahead of the call or just before it.
+        let state = self.store.data_mut();
+        state.context = context;
+        state.outbound.sender = outbound;
         let called = instance
             .warren_handler_handler()
             .call_call(&mut self.store, method, args.get(), &context_text)

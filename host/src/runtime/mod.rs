@@ -577,10 +577,9 @@ impl Runtime {
                     Some(prepared) => self.resume(module, prepared, limits, yields),
                     None => self.sandbox(module, Vec::new(), empty_context(), limits, yields),
                 };
-                let state = sandbox.store.data_mut();
-                state.context = context;
-                state.outbound.sender = outbound;
-                outcome = sandbox.call_component(method, args, limits).await;
+                outcome = sandbox
+                    .call_component(method, args, context, outbound, limits)
+                    .await;
             }
         }
         // A module whose instance came up (so its next one very likely will) gets its next
