@@ -125,6 +125,66 @@ fn the_daemon_makes_a_handlers_next_sandbox_once_a_call_is_answered() {
     }
 }
 
+/// A module whose `_initialize` prints `init line` to stdout and whose `hello` prints `call
+/// line` and answers `"ok"`.
+const CHATTY: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "init line\n")
+  (data (i32.const 80) "call line\n")
+  (data (i32.const 96) "\"ok\"")
+  (func $say (param $at i32)
+    (i32.store (i32.const 0) (local.get $at))
+    (i32.store (i32.const 4) (i32.const 10))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "_initialize") (call $say (i32.const 64)))
+  (func (export "hello") (result i32)
+    (call $say (i32.const 80))
+    (call $output_write (i32.const 96) (i32.const 4))
+    i32.const 0))"#;
+
+/// What `_initialize` prints belongs to the call it ran for: the first call's own sandbox logs
+/// it in that call's delivery span; a sandbox made ahead logs it when it is made, outside any
+/// delivery, and not with the later call that takes the sandbox.
+#[test]
+fn a_sandbox_made_ahead_logs_its_initialize_output_when_made_not_with_its_call() {
+    let topic = unique("it_ahead_log");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let daemon = serve_wat(&server, &topic, CHATTY, "log_stdio = true");
+    let rpc = Rpc::connect();
+    let call = || {
+        rpc.call(&any_server(&topic), "hello", "{}", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("hello: {e}; log:\n{}", daemon.log_text()))
+    };
+    let lines = |needle: &str| -> Vec<String> {
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    };
+    let in_delivery = |line: &str| line.contains("delivery{") && line.contains("method=");
+    for round in 1..=3 {
+        assert_eq!(call(), r#""ok""#);
+        // This call's line, and the init line of the sandbox made ahead after it.
+        eventually(Duration::from_secs(10), || {
+            (lines("call line").len() == round && lines("init line").len() == round + 1)
+                .then_some(())
+        });
+        let (inits, calls) = (lines("init line"), lines("call line"));
+        assert_eq!(calls.len(), round, "log:\n{}", daemon.log_text());
+        assert_eq!(inits.len(), round + 1, "log:\n{}", daemon.log_text());
+        assert!(calls.iter().all(|l| in_delivery(l)), "{calls:?}");
+        // Only the first call made its own sandbox, inside its delivery.
+        assert!(in_delivery(&inits[0]), "{inits:?}");
+        assert!(inits[1..].iter().all(|l| !in_delivery(l)), "{inits:?}");
+    }
+}
+
 #[test]
 fn a_sandbox_made_ahead_serves_one_call_and_its_initialize_sees_no_args() {
     let rt = runtime(4);

@@ -211,9 +211,10 @@ impl State {
     }
 
     /// What the guest wrote to stdout and stderr (if it used WASI at all), each with the
-    /// number of bytes dropped over the cap.
+    /// number of bytes dropped over the cap. The WASI context stays: a sandbox made ahead has
+    /// its stdio taken once it is up and still serves its call.
     pub fn take_stdio(&mut self) -> ((Vec<u8>, usize), (Vec<u8>, usize)) {
-        match (self.wasi.take(), self.p2.take()) {
+        match (self.wasi.as_ref(), self.p2.as_ref()) {
             (Some(w), _) => (w.stdout.take(), w.stderr.take()),
             (None, Some(w)) => (w.stdout.take(), w.stderr.take()),
             (None, None) => ((Vec::new(), 0), (Vec::new(), 0)),

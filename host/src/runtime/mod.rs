@@ -634,6 +634,9 @@ impl Runtime {
         };
         match made {
             Ok(instance) => {
+                // What `_initialize` printed is logged now, outside any delivery: left in the
+                // buffer, it would be logged with whichever call later takes this sandbox.
+                sandbox.flush_stdio(None);
                 let prepared = Prepared {
                     store: sandbox.store,
                     instance,
@@ -985,7 +988,7 @@ impl Sandbox {
     }
 
     /// Forward captured stdio to the log; return stderr when asked (for trap messages). Called
-    /// once, at the end of the invocation.
+    /// at the end of the invocation, and for a sandbox made ahead also once it is up.
     fn flush_stdio(&mut self, want_stderr: Option<()>) -> String {
         let ((out, out_dropped), (err, err_dropped)) = self.store.data_mut().take_stdio();
         let handler = self.module.name();
