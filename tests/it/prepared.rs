@@ -185,6 +185,54 @@ fn a_sandbox_made_ahead_logs_its_initialize_output_when_made_not_with_its_call()
     }
 }
 
+/// A module whose `_initialize` logs `init log` 200 times and whose `hello` logs `call log` 100
+/// times and answers `"ok"`: 300 lines, over the 256 an invocation may log.
+const LOGGY: &str = r#"(module
+  (import "warren_v1" "log" (func $log (param i32 i32 i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "init log")
+  (data (i32.const 80) "call log")
+  (data (i32.const 96) "\"ok\"")
+  (func $say (param $at i32) (param $times i32)
+    (loop $l
+      (call $log (i32.const 2) (local.get $at) (i32.const 8))
+      (local.set $times (i32.sub (local.get $times) (i32.const 1)))
+      (br_if $l (local.get $times))))
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "_initialize") (call $say (i32.const 64) (i32.const 200)))
+  (func (export "hello") (result i32)
+    (call $say (i32.const 80) (i32.const 100))
+    (call $output_write (i32.const 96) (i32.const 4))
+    i32.const 0))"#;
+
+/// The cap on log lines is per invocation; a sandbox made ahead spends its `_initialize`'s
+/// lines when it is made, and its call starts from none.
+#[test]
+fn a_sandbox_made_ahead_starts_its_call_with_the_whole_log_line_cap() {
+    let topic = unique("it_ahead_loglines");
+    let server = unique("d");
+    let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
+    let daemon = serve_wat(&server, &topic, LOGGY, "");
+    let rpc = Rpc::connect();
+    for _ in 0..2 {
+        let answer = rpc.call(&any_server(&topic), "hello", "{}", Duration::from_secs(10));
+        assert_eq!(answer.as_deref().ok(), Some(r#""ok""#), "{answer:?}");
+    }
+    // The first call made its own sandbox: 200 + 56 lines, 44 dropped and one warning. The
+    // second took the one made ahead: all of its 100 lines, none dropped.
+    let settled = eventually(Duration::from_secs(10), || {
+        (daemon.count_log("replied") == 2 && daemon.count_log("call log") == 156).then_some(())
+    });
+    assert!(settled.is_some(), "log:\n{}", daemon.log_text());
+    assert_eq!(
+        daemon.count_log("guest log lines dropped"),
+        1,
+        "log:\n{}",
+        daemon.log_text()
+    );
+}
+
 #[test]
 fn a_sandbox_made_ahead_serves_one_call_and_its_initialize_sees_no_args() {
     let rt = runtime(4);

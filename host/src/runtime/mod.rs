@@ -53,11 +53,13 @@ pub struct Limits {
     pub table_elements: usize,
     /// Cap on the total size of one invocation's results (and of its error).
     pub max_result_bytes: usize,
-    /// Bytes of guest stdout and of stderr kept per invocation.
+    /// Bytes of guest stdout and of stderr kept per invocation (a sandbox made ahead has as
+    /// many again for what its `_initialize` prints, which is logged before its call).
     pub max_stdio_bytes: usize,
     /// Largest args accepted, in bytes of JSON.
     pub max_args_bytes: usize,
-    /// Forward the guest's stdout and stderr to the log (stderr still reaches trap errors).
+    /// Forward the guest's stdout and stderr to the log (stderr still reaches trap errors, but
+    /// for a sandbox made ahead not what its `_initialize` wrote).
     pub log_stdio: bool,
     /// What the guest may reach through WASI; `None` grants nothing.
     pub grants: Option<Arc<Grants>>,
@@ -634,9 +636,11 @@ impl Runtime {
         };
         match made {
             Ok(instance) => {
-                // What `_initialize` printed is logged now, outside any delivery: left in the
-                // buffer, it would be logged with whichever call later takes this sandbox.
+                // What `_initialize` printed, and its log lines over the cap, are reported
+                // now, outside any delivery: left in the sandbox, they would be reported with
+                // (and count against) whichever call later takes it.
                 sandbox.flush_stdio(None);
+                sandbox.flush_log_count();
                 let prepared = Prepared {
                     store: sandbox.store,
                     instance,
@@ -928,10 +932,8 @@ impl Sandbox {
 
     fn finish(&mut self, status: i32) -> Result<Vec<Box<RawValue>>, Failure> {
         self.flush_stdio(None);
+        self.flush_log_count();
         let state = self.store.data_mut();
-        if state.logs_dropped > 0 {
-            crate::in_span!(tracing::Level::WARN, handler = %state.handler, dropped = state.logs_dropped, "guest log lines dropped over the per-invocation cap");
-        }
         if let Some(error) = state.error.take() {
             return Err(parse_guest_error(&error));
         }
@@ -985,6 +987,16 @@ impl Sandbox {
             message.push_str(stderr);
         }
         Failure::new(class::GUEST_TRAP, message)
+    }
+
+    /// Warn of the guest's log lines dropped over the cap, and count from zero again.
+    fn flush_log_count(&mut self) {
+        let state = self.store.data_mut();
+        if state.logs_dropped > 0 {
+            crate::in_span!(tracing::Level::WARN, handler = %state.handler, dropped = state.logs_dropped, "guest log lines dropped over the per-invocation cap");
+        }
+        state.log_lines = 0;
+        state.logs_dropped = 0;
     }
 
     /// Forward captured stdio to the log; return stderr when asked (for trap messages). Called
