@@ -215,9 +215,15 @@ fn a_sandbox_made_ahead_starts_its_call_with_the_whole_log_line_cap() {
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let daemon = serve_wat(&server, &topic, LOGGY, "");
     let rpc = Rpc::connect();
-    for _ in 0..2 {
+    // 200 `_initialize` lines each: the load's smoke test, the first call's own sandbox, and
+    // the one made ahead once the first call is answered, which the second call must find.
+    for init_lines in [600, 800] {
         let answer = rpc.call(&any_server(&topic), "hello", "{}", Duration::from_secs(10));
         assert_eq!(answer.as_deref().ok(), Some(r#""ok""#), "{answer:?}");
+        let made = eventually(Duration::from_secs(10), || {
+            (daemon.count_log("init log") == init_lines).then_some(())
+        });
+        assert!(made.is_some(), "log:\n{}", daemon.log_text());
     }
     // The first call made its own sandbox: 200 + 56 lines, 44 dropped and one warning. The
     // second took the one made ahead: all of its 100 lines, none dropped.
