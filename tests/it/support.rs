@@ -23,11 +23,21 @@ pub fn broker_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// The `warren` binary cargo built for these tests.
+/// The `warren` binary cargo built for these tests, with none of the operator's `WARREN_*`
+/// overrides: the tests read the text log format and name their own broker, exchange and
+/// server, and a test that wants one of these sets it on the command.
 pub fn warren() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren"));
-    cmd.env("WARREN_LOG", "info")
-        .env_remove("WARREN_BROKER_URL");
+    cmd.env("WARREN_LOG", "info");
+    for inherited in [
+        "WARREN_LOG_FORMAT",
+        "WARREN_BROKER_URL",
+        "WARREN_BROKER_PASSWORD",
+        "WARREN_EXCHANGE",
+        "WARREN_SERVER_NAME",
+    ] {
+        cmd.env_remove(inherited);
+    }
     cmd
 }
 

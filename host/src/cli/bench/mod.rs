@@ -703,6 +703,7 @@ fn warren_command(config: &std::path::Path) -> anyhow::Result<Command> {
         .env("WARREN_LOG_FORMAT", "json")
         .env("WARREN_LOG", "info,lapin=warn")
         .env_remove("WARREN_BROKER_URL")
+        .env_remove("WARREN_BROKER_PASSWORD")
         .env_remove("WARREN_EXCHANGE")
         .env_remove("WARREN_SERVER_NAME");
     Ok(command)
