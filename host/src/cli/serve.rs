@@ -16,7 +16,8 @@ use super::usage_error;
 #[derive(Args)]
 #[command(
     after_help = "Example:\n  warren serve --config config/warren.toml\n\n\
-Environment: WARREN_BROKER_URL, WARREN_EXCHANGE and WARREN_SERVER_NAME override the config; \
+Environment: WARREN_BROKER_URL, WARREN_BROKER_PASSWORD, WARREN_EXCHANGE and WARREN_SERVER_NAME \
+override the config; \
 WARREN_LOG sets the log filter (e.g. `info,warren=debug`); WARREN_LOG_FORMAT=json logs JSON."
 )]
 pub struct ServeArgs {
