@@ -1,6 +1,6 @@
 //! The `warren` binary's local commands, run as a user would.
 
-use crate::support::{plugin, warren};
+use crate::support::{plugin, warren, wat_file};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = warren().args(args).output().expect("warren runs");
@@ -103,6 +103,49 @@ fn deepest_nesting_the_wire_admits_fits_the_guest_stack() {
     let got: serde_json::Value = serde_json::from_str(&out).expect("json");
     let want: serde_json::Value = serde_json::from_str(&nested).expect("json");
     assert_eq!(got["deep"], want, "{out}");
+}
+
+/// 300 log lines against the cap of 256 per invocation, then an answer or a trap: 44 lines
+/// are dropped either way, and the operator is told so once, also when the guest trapped
+/// (the case most worth reading the log for).
+const LOG_FLOOD: &str = r#"(module
+  (import "warren_v1" "log" (func $log (param i32 i32 i32)))
+  (import "warren_v1" "output_write" (func $output_write (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "flood line")
+  (data (i32.const 96) "\"ok\"")
+  (func $flood
+    (local $left i32)
+    (local.set $left (i32.const 300))
+    (loop $l
+      (call $log (i32.const 2) (i32.const 64) (i32.const 10))
+      (local.set $left (i32.sub (local.get $left) (i32.const 1)))
+      (br_if $l (local.get $left))))
+  (func (export "warren_abi_version") (result i32) i32.const 1)
+  (func (export "answer") (result i32)
+    (call $flood)
+    (call $output_write (i32.const 96) (i32.const 4))
+    i32.const 0)
+  (func (export "trap") (result i32)
+    (call $flood)
+    unreachable))"#;
+
+#[test]
+fn log_lines_over_the_cap_are_reported_also_when_the_guest_traps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let module = wat_file(dir.path(), "flood", LOG_FLOOD);
+    let module = module.to_str().expect("utf8");
+    for (method, want_code) in [("answer", 0), ("trap", 1)] {
+        let (code, out, err) = run(&["invoke", module, method, "{}"]);
+        assert_eq!(code, want_code, "{method}: {out}\n{err}");
+        assert_eq!(err.matches("flood line").count(), 256, "{method}: {err}");
+        let warnings: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("guest log lines dropped over the per-invocation cap"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{method}: {err}");
+        assert!(warnings[0].contains("dropped=44"), "{method}: {err}");
+    }
 }
 
 #[test]

@@ -954,6 +954,9 @@ impl Sandbox {
     /// (limits, bad output) win over the trap they produced.
     fn classify(&mut self, err: wasmtime::Error, during: &str) -> Failure {
         let stderr = self.flush_stdio(Some(()));
+        // A guest that logged past the cap and then trapped is the one an operator most needs
+        // told that lines are missing.
+        self.flush_log_count();
         let state = self.store.data_mut();
         if let Some(failure) = state.host_failure.take() {
             return failure;
