@@ -140,10 +140,8 @@ impl Connection {
             .create_channel()
             .await
             .map_err(ctx("cannot open channel"))?;
-        Ok(Channel {
-            inner,
-            acks: Arc::default(),
-        })
+        let acks = Arc::new(acks::Acks::new(inner.clone()));
+        Ok(Channel { inner, acks })
     }
 
     /// Whether the connection is usable.
@@ -433,9 +431,9 @@ impl Consumer {
 pub struct Delivery {
     inner: lapin::message::Delivery,
     acks: Arc<acks::Acks>,
-    /// Set by the first ack or reject. A frame covering this tag may have gone out through
-    /// another delivery's acker, so lapin's own single-use check no longer guards a second
-    /// settle, which the broker would answer by closing the channel.
+    /// Set by the first ack or reject. Acks go out on the channel, possibly in a frame for
+    /// another delivery's tag, so lapin's single-use check on the acker never sees them and
+    /// cannot guard a second settle, which the broker would answer by closing the channel.
     settled: std::sync::atomic::AtomicBool,
 }
 

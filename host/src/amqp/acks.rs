@@ -41,8 +41,9 @@ const MAX_BATCH: usize = 32;
 type Sent = Result<bool, lapin::Error>;
 
 /// One channel's acks. Shared by its consumers' deliveries.
-#[derive(Default)]
 pub(crate) struct Acks {
+    /// The frames go out through the channel's own `basic_ack`; see [`Acks::send`].
+    channel: lapin::Channel,
     state: Mutex<State<Waiting>>,
     /// Ready acks that trigger a frame at once; see [`Acks::set_prefetch`].
     batch: AtomicUsize,
@@ -120,14 +121,29 @@ impl<W> State<W> {
     }
 }
 
+/// How many ready acks make a frame at once for a consumer prefetch of `prefetch` (0:
+/// unlimited).
+fn batch_for(prefetch: u16) -> usize {
+    match usize::from(prefetch) {
+        0 => MAX_BATCH,
+        p => (p / 4).clamp(1, MAX_BATCH),
+    }
+}
+
 impl Acks {
+    /// The acks of `channel`'s deliveries; until a prefetch is set, nothing waits.
+    pub(crate) fn new(channel: lapin::Channel) -> Self {
+        Self {
+            channel,
+            state: Mutex::default(),
+            batch: AtomicUsize::new(1),
+            seen: AtomicU64::new(0),
+        }
+    }
+
     /// Size batches for a consumer prefetch of `prefetch` (0: unlimited).
     pub(crate) fn set_prefetch(&self, prefetch: u16) {
-        let batch = match usize::from(prefetch) {
-            0 => MAX_BATCH,
-            p => (p / 4).clamp(1, MAX_BATCH),
-        };
-        self.batch.store(batch, Ordering::Relaxed);
+        self.batch.store(batch_for(prefetch), Ordering::Relaxed);
     }
 
     /// Record that delivery `tag` was handed out: until it settles, later acks may wait for it.
@@ -191,7 +207,7 @@ impl Acks {
             let alone = self.lock().ready.remove(&tag);
             if let Some(waiting) = alone {
                 // Still held back by an unsettled tag below: ack this one alone.
-                let sent = waiting.acker.ack(BasicAckOptions::default()).await;
+                let sent = self.send(&waiting.acker, tag, false).await;
                 // As with a reject: a tag whose frame failed is not settled, so no run covers
                 // it (the channel is gone anyway).
                 if matches!(sent, Ok(true)) {
@@ -246,19 +262,31 @@ impl Acks {
                 run
             };
             first = false;
-            let Some((_, top)) = run.last() else {
+            let Some((tag, top)) = run.last() else {
                 continue;
             };
-            let sent = top
-                .acker
-                .ack(BasicAckOptions {
-                    multiple: run.len() > 1,
-                })
-                .await;
+            let sent = self.send(&top.acker, *tag, run.len() > 1).await;
             for (_, waiting) in run {
                 let _ = waiting.sent.send(sent.clone());
             }
         }
+    }
+
+    /// Send one `basic.ack` for `tag` (and, with `multiple`, every tag below it) on the channel
+    /// itself. lapin's `Acker::ack` hands the frame to its internal RPC task, which spawns
+    /// another task to send it and completes the acker's promise from there: four task
+    /// wake-ups per ack, mostly across threads, where the channel's own method has one (the
+    /// frame written). Kept from the acker: nothing is sent once it is poisoned (its channel
+    /// closed or failed), `Ok(false)` as the acker says it; single use is
+    /// `Delivery::settled`'s job.
+    async fn send(&self, acker: &Acker, tag: u64, multiple: bool) -> Sent {
+        if acker.poisoned() {
+            return Ok(false);
+        }
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .await
+            .map(|()| true)
     }
 }
 
@@ -325,8 +353,6 @@ mod tests {
 
     #[test]
     fn batches_follow_the_prefetch() {
-        let acks = Acks::default();
-        assert_eq!(acks.batch(), 1, "before a prefetch is set, nothing waits");
         for (prefetch, batch) in [
             (1, 1),
             (4, 1),
@@ -335,8 +361,7 @@ mod tests {
             (1000, MAX_BATCH),
             (0, MAX_BATCH),
         ] {
-            acks.set_prefetch(prefetch);
-            assert_eq!(acks.batch(), batch, "prefetch {prefetch}");
+            assert_eq!(batch_for(prefetch), batch, "prefetch {prefetch}");
         }
     }
 }
