@@ -42,7 +42,10 @@ type Sent = Result<bool, lapin::Error>;
 
 /// One channel's acks. Shared by its consumers' deliveries.
 pub(crate) struct Acks {
-    /// The frames go out through the channel's own `basic_ack`; see [`Acks::send`].
+    /// The frames go out through the channel's own `basic_ack`; see [`Acks::send`]. This
+    /// handle, shared by every delivery, keeps lapin from closing the channel on drop while
+    /// any delivery is left; nothing relies on that close, since the daemon drains a channel's
+    /// deliveries and then closes it explicitly (`server.rs`).
     channel: lapin::Channel,
     state: Mutex<State<Waiting>>,
     /// Ready acks that trigger a frame at once; see [`Acks::set_prefetch`].
