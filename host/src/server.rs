@@ -1117,10 +1117,14 @@ async fn consume_loop<S: Service + 'static>(
                 let task = async move {
                     // `handle` settles every delivery itself; a panic would skip that and pin a
                     // prefetch slot until the channel closes, so it is caught and rejected here.
-                    let handled =
-                        std::panic::AssertUnwindSafe(dispatcher.handle(&*service, &delivery))
-                            .catch_unwind()
-                            .await;
+                    // Boxed here, in the task's first poll, so that the spawned future is only
+                    // the delivery and a few pointers: tokio moves it into its task cell and
+                    // writes the task's output over it, and `handle`'s future is kilobytes.
+                    let handled = std::panic::AssertUnwindSafe(Box::pin(
+                        dispatcher.handle(&*service, &delivery),
+                    ))
+                    .catch_unwind()
+                    .await;
                     if handled.is_err() {
                         error!(%queue, tag = delivery.tag(), "delivery handling panicked; message rejected");
                         let _ = delivery.reject(false).await;
