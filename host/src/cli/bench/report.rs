@@ -330,7 +330,7 @@ impl Report {
         let oslo = self.server("oslo.messaging");
         let mut targets = Vec::new();
         let judge = |w: Option<f64>, o: Option<f64>, goal: f64| match (w, o) {
-            (Some(w), Some(o)) if o > 0.0 => (format!("{:.2}×", w / o), Some(w / o >= goal)),
+            (Some(w), Some(o)) if o > 0.0 => (judged_ratio(w / o, goal), Some(w / o >= goal)),
             _ => ("–".to_owned(), None),
         };
         for callers in [1, 16] {
@@ -577,9 +577,31 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// A ratio judged against `goal`, to two decimals, or to three (cut, not rounded) where two
+/// would round a miss up onto the goal: 0.9465 of a 0.95 goal reads 0.946×, not a 0.95× that
+/// failed.
+fn judged_ratio(ratio: f64, goal: f64) -> String {
+    let two = format!("{ratio:.2}");
+    if ratio < goal && two.parse::<f64>().is_ok_and(|r| r >= goal) {
+        format!("{:.3}×", (ratio * 1000.0).floor() / 1000.0)
+    } else {
+        format!("{two}×")
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::thousands;
+    use super::{judged_ratio, thousands};
+
+    #[test]
+    fn a_missed_goal_never_reads_as_the_goal() {
+        assert_eq!(judged_ratio(0.9465, 0.95), "0.946×");
+        assert_eq!(judged_ratio(0.94999, 0.95), "0.949×");
+        assert_eq!(judged_ratio(5.996, 6.0), "5.996×");
+        assert_eq!(judged_ratio(0.95, 0.95), "0.95×");
+        assert_eq!(judged_ratio(0.9561, 0.95), "0.96×");
+        assert_eq!(judged_ratio(0.871, 0.95), "0.87×");
+    }
 
     #[test]
     fn thousands_groups_digits() {
