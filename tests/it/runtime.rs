@@ -633,7 +633,67 @@ fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
     });
 }
 
-/// An idle runtime's epoch ticker sleeps instead of waking 500 times a second, and the next
+/// The epoch ticker ticks every 10 ms while no guest runs through its ticks and every 2 ms
+/// while one does: short calls do not pay for the wake-ups a long guest needs, and the long
+/// guest still yields and meets its deadline on time. The bounds are five times apart; a
+/// loaded machine only ticks less often, which the first bound allows and the second has
+/// room for (a 2 ms tick stretched to 5 ms).
+#[test]
+fn the_ticker_ticks_fast_only_while_a_guest_runs_through_its_ticks() {
+    let rt = runtime();
+    let m = load(
+        &rt,
+        "hostile",
+        &wat(&format!(
+            r#"{ECHO_ARGS}
+  (func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#
+        )),
+    );
+    // A call wakes the idle ticker, which then stays awake for a second with nothing running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rt.epoch_ticker_idle() {
+        assert!(Instant::now() < deadline, "the ticker never went idle");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        call(&rt, &m, "echo_args", r#"{"a":1}"#).expect("echo"),
+        [r#"{"a":1}"#]
+    );
+    let (before, start) = (rt.epoch_ticks(), Instant::now());
+    let quiet = Duration::from_millis(400);
+    while start.elapsed() < quiet {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ticks, took) = (rt.epoch_ticks() - before, start.elapsed());
+    assert!(
+        !rt.epoch_ticker_idle(),
+        "the ticker went idle within a second"
+    );
+    let slow_most = took.as_millis() / 10 + 2;
+    assert!(
+        u128::from(ticks) <= slow_most,
+        "{ticks} ticks in {took:?} with no guest running: faster than every 10 ms"
+    );
+
+    let limits = Limits {
+        timeout: Duration::from_millis(500),
+        ..Limits::DEFAULT
+    };
+    let (before, start) = (rt.epoch_ticks(), Instant::now());
+    let err = call_with(&rt, &m, "spin", "{}", "{}", &limits).expect_err("must time out");
+    let (ticks, took) = (rt.epoch_ticks() - before, start.elapsed());
+    assert_eq!(err.class, "Timeout", "{err}");
+    assert!(
+        took < limits.timeout + Duration::from_millis(250),
+        "timed out only after {took:?}"
+    );
+    assert!(
+        ticks >= 100,
+        "only {ticks} ticks in {took:?} while a guest spun: not every 2 ms"
+    );
+}
+
+/// An idle runtime's epoch ticker sleeps instead of waking 100 times a second, and the next
 /// invocation wakes it (it does not wait for the sleeping ticker to notice): a spinning guest
 /// started after the ticker fell asleep still times out on time.
 #[test]

@@ -1,15 +1,25 @@
 //! The process-wide `Engine` and the epoch ticker that bounds every invocation's wall time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// How often the epoch advances. Deadlines are whole ticks, so this is the timeout's resolution;
-/// a fraction of the shortest sensible timeout keeps it precise without waking too often.
+/// How often the epoch advances while a guest runs through ticks: it yields its thread and has
+/// its deadline checked at each. A fraction of the shortest sensible timeout keeps timeouts
+/// precise without waking too often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// How often the epoch advances while no guest has run through the last tick. Nearly every call
+/// ends within a tick and needs none, but a guest that has just started must still be
+/// interrupted, to yield and to have its deadline checked: at most this long after it started,
+/// at most this long again for its second interruption (the ticker learns of the first one
+/// tick late, see `tick`), then every [`EPOCH_TICK`]. Under a load of short calls that is five
+/// times fewer wake-ups of the ticker's thread, which on a VM can cost more CPU per call at one
+/// caller than any one part of the daemon's own code.
+pub const SLOW_TICK: Duration = Duration::from_millis(10);
 
 /// Bytes of each memory slot reset in place instead of decommitted. Covers a Rust guest's
 /// stack (128 KiB as the repository builds guests, Rust's default is 1 MiB), its data and a
@@ -117,10 +127,11 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Advances the engine's epoch from a dedicated OS thread. A tokio task would share a worker
 /// with the guests it is meant to stop and could be starved by one of them (wado PR #1146).
 ///
-/// It ticks every [`EPOCH_TICK`] while any guest code may run: an invocation, or a sandbox
-/// being made ahead of its call (each holds a [`Running`] while it does). Once nothing has run
-/// for [`IDLE_AFTER`] it sleeps instead (an idle daemon would otherwise wake 500 times a
-/// second), and [`EpochTicker::enter`] brings it back. A sandbox made ahead of its call runs
+/// It ticks every [`SLOW_TICK`] while any guest code may run: an invocation, or a sandbox
+/// being made ahead of its call (each holds a [`Running`] while it does), and every
+/// [`EPOCH_TICK`] while a guest runs through ticks. Once nothing has run for [`IDLE_AFTER`] it
+/// sleeps instead (an idle daemon would otherwise wake 100 times a second), and
+/// [`EpochTicker::enter`] brings it back. A sandbox made ahead of its call runs
 /// nothing while it waits and needs no ticks, which is why this counts runs (sandboxes that
 /// may run guest code, spent ones until they are dropped) rather than the pool's live
 /// instances.
@@ -134,6 +145,10 @@ struct Shared {
     idle: AtomicBool,
     /// Guest runs in progress; bounded by the pool's slots (each run holds an instance).
     running: AtomicUsize,
+    /// A guest was interrupted by the last tick (it ran through it): tick fast.
+    through: AtomicBool,
+    /// Ticks so far, for [`EpochTicker::ticks`].
+    ticks: AtomicU64,
 }
 
 /// One guest run in progress, as far as the ticker is concerned; it ticks until every one is
@@ -148,13 +163,37 @@ impl Drop for Running {
     }
 }
 
+impl Running {
+    /// What the run's epoch callback tells the ticker with; see [`Ticks::ran_through`].
+    pub fn ticks(&self) -> Ticks {
+        Ticks {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A guest's line to the ticker, held by its store's epoch callback.
+pub struct Ticks {
+    shared: Arc<Shared>,
+}
+
+impl Ticks {
+    /// The guest was interrupted by a tick, so it ran through one: the ticker ticks every
+    /// [`EPOCH_TICK`] until a tick interrupts no guest.
+    pub fn ran_through(&self) {
+        self.shared.through.store(true, Ordering::Relaxed);
+    }
+}
+
 impl EpochTicker {
-    /// Start ticking `engine` every [`EPOCH_TICK`].
+    /// Start ticking `engine` (see [`EpochTicker`]).
     pub fn start(engine: Engine) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             idle: AtomicBool::new(false),
             running: AtomicUsize::new(0),
+            through: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
         });
         let state = shared.clone();
         let thread = std::thread::Builder::new()
@@ -187,12 +226,17 @@ impl EpochTicker {
     pub fn is_idle(&self) -> bool {
         self.shared.idle.load(Ordering::SeqCst)
     }
+
+    /// How many times the epoch has advanced since the ticker started.
+    pub fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::Relaxed)
+    }
 }
 
 fn tick(engine: &Engine, shared: &Shared) {
     let busy = || shared.running.load(Ordering::SeqCst) > 0;
-    let idle_ticks = u32::try_from(IDLE_AFTER.as_millis() / EPOCH_TICK.as_millis()).unwrap_or(1);
-    let mut empty_for = 0u32;
+    let mut period = SLOW_TICK;
+    let mut empty_for = Duration::ZERO;
     while !shared.stop.load(Ordering::Relaxed) {
         if shared.idle.load(Ordering::SeqCst) {
             std::thread::park_timeout(IDLE_TICK);
@@ -202,24 +246,31 @@ fn tick(engine: &Engine, shared: &Shared) {
             if shared.idle.load(Ordering::SeqCst) {
                 continue;
             }
-            empty_for = 0;
+            empty_for = Duration::ZERO;
         } else {
-            std::thread::sleep(EPOCH_TICK);
+            std::thread::sleep(period);
         }
+        let slept = period;
+        // Read before this tick, so it tells whether the previous one interrupted a guest,
+        // which had a whole period to say so. A guest interrupted by this tick tells the next
+        // look, so its second interruption may still be a slow period away.
+        let through = shared.through.swap(false, Ordering::Relaxed);
         engine.increment_epoch();
+        shared.ticks.fetch_add(1, Ordering::Relaxed);
+        period = if through { EPOCH_TICK } else { SLOW_TICK };
         if busy() {
-            empty_for = 0;
+            empty_for = Duration::ZERO;
         } else {
-            empty_for += 1;
+            empty_for += slept;
         }
-        if empty_for >= idle_ticks {
+        if empty_for >= IDLE_AFTER {
             shared.idle.store(true, Ordering::SeqCst);
             // A run that started between the count and the store would find the ticker
             // asleep without waking it: look once more.
             if busy() {
                 shared.idle.store(false, Ordering::SeqCst);
             }
-            empty_for = 0;
+            empty_for = Duration::ZERO;
         }
     }
 }

@@ -5,7 +5,8 @@
 //! memory, a trap) can be seen by the next; a trapped instance is simply dropped.
 //!
 //! Every invocation runs on a fiber. [`Runtime::invoke_async`] is for async callers: the guest
-//! runs inside the caller's task and yields its thread at every epoch tick, so a small call
+//! runs inside the caller's task and yields its thread at every epoch tick (the first within
+//! [`engine::SLOW_TICK`] of its start, then every [`engine::EPOCH_TICK`]), so a small call
 //! costs no thread hop and a long one cannot hold a worker. [`Runtime::invoke`] and
 //! [`Runtime::invoke_with`] drive the same future on the calling thread, for synchronous callers
 //! and for guests whose outbound RPC blocks. Wall time is bounded by epoch interruption driven
@@ -328,6 +329,11 @@ impl Runtime {
         self.ticker.is_idle()
     }
 
+    /// How many times the epoch ticker has ticked; see [`engine::SLOW_TICK`].
+    pub fn epoch_ticks(&self) -> u64 {
+        self.ticker.ticks()
+    }
+
     /// How many sandboxes are made ahead of their calls right now (at most the settings'
     /// `max_prepared`).
     pub fn prepared_sandboxes(&self) -> usize {
@@ -510,7 +516,7 @@ impl Runtime {
     }
 
     /// [`Runtime::invoke`] for async callers: the guest runs in the awaiting task and yields
-    /// the thread at every epoch tick ([`engine::EPOCH_TICK`]), so it may run on an executor's
+    /// the thread at every epoch tick (see [`engine::SLOW_TICK`]), so it may run on an executor's
     /// worker however long it takes. Outbound RPC is not available here (it blocks; use
     /// [`Runtime::invoke_with`] on a blocking thread): such requests fail with `Unavailable`.
     pub async fn invoke_async(
@@ -712,9 +718,12 @@ impl Runtime {
         store.limiter(|s| &mut s.limiter);
         // Called at every epoch tick: past the deadline the guest traps (`Trap::Interrupt`,
         // reported as `Timeout`); before it, an async caller's guest yields its thread. Both
-        // are read from the store, as a prepared sandbox gets them when its call starts.
+        // are read from the store, as a prepared sandbox gets them when its call starts. Either
+        // way the guest ran through a tick, so the ticker is told to tick fast.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|store| {
+        let ticks = running.ticks();
+        store.epoch_deadline_callback(move |store| {
+            ticks.ran_through();
             let state = store.data();
             Ok(if Instant::now() >= state.deadline {
                 UpdateDeadline::Interrupt
