@@ -635,9 +635,9 @@ fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
 
 /// The epoch ticker ticks every 10 ms while no guest runs through its ticks and every 2 ms
 /// while one does: short calls do not pay for the wake-ups a long guest needs, and the long
-/// guest still yields and meets its deadline on time. The bounds are five times apart; a
-/// loaded machine only ticks less often, which the first bound allows and the second has
-/// room for (a 2 ms tick stretched to 5 ms).
+/// guest still yields and meets its deadline on time. A loaded machine only ticks less often,
+/// which the first bound allows and the second has room for (a 2 ms tick stretched to 6 ms;
+/// ticking every 10 ms throughout would give at most 52).
 #[test]
 fn the_ticker_ticks_fast_only_while_a_guest_runs_through_its_ticks() {
     let rt = runtime();
@@ -688,7 +688,7 @@ fn the_ticker_ticks_fast_only_while_a_guest_runs_through_its_ticks() {
         "timed out only after {took:?}"
     );
     assert!(
-        ticks >= 100,
+        ticks >= 80,
         "only {ticks} ticks in {took:?} while a guest spun: not every 2 ms"
     );
 }
