@@ -633,6 +633,30 @@ fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
     });
 }
 
+/// A module that echoes its args (`echo_args`) or spins until stopped (`spin`).
+fn echo_and_spin(rt: &Runtime) -> Module {
+    load(
+        rt,
+        "hostile",
+        &wat(&format!(
+            r#"{ECHO_ARGS}
+  (func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#
+        )),
+    )
+}
+
+/// Wait, bounded, until the runtime's epoch ticker has gone idle with nothing running.
+fn wait_ticker_idle(rt: &Runtime) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rt.epoch_ticker_idle() {
+        assert!(
+            Instant::now() < deadline,
+            "the ticker never went idle with nothing running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The epoch ticker ticks every 10 ms while no guest runs through its ticks and every 2 ms
 /// while one does: short calls do not pay for the wake-ups a long guest needs, and the long
 /// guest still yields and meets its deadline on time. A loaded machine only ticks less often,
@@ -641,20 +665,9 @@ fn a_kept_sandbox_holds_its_pool_slot_until_dropped() {
 #[test]
 fn the_ticker_ticks_fast_only_while_a_guest_runs_through_its_ticks() {
     let rt = runtime();
-    let m = load(
-        &rt,
-        "hostile",
-        &wat(&format!(
-            r#"{ECHO_ARGS}
-  (func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#
-        )),
-    );
+    let m = echo_and_spin(&rt);
     // A call wakes the idle ticker, which then stays awake for a second with nothing running.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !rt.epoch_ticker_idle() {
-        assert!(Instant::now() < deadline, "the ticker never went idle");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ticker_idle(&rt);
     assert_eq!(
         call(&rt, &m, "echo_args", r#"{"a":1}"#).expect("echo"),
         [r#"{"a":1}"#]
@@ -699,25 +712,8 @@ fn the_ticker_ticks_fast_only_while_a_guest_runs_through_its_ticks() {
 #[test]
 fn an_idle_ticker_sleeps_and_the_next_invocation_wakes_it() {
     let rt = runtime();
-    let m = load(
-        &rt,
-        "hostile",
-        &wat(&format!(
-            r#"{ECHO_ARGS}
-  (func (export "spin") (result i32) (loop $l (br $l)) i32.const 0)"#
-        )),
-    );
-    let wait_idle = || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !rt.epoch_ticker_idle() {
-            assert!(
-                Instant::now() < deadline,
-                "the ticker never went idle with nothing running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_idle();
+    let m = echo_and_spin(&rt);
+    wait_ticker_idle(&rt);
     assert_eq!(
         call(&rt, &m, "echo_args", r#"{"a":1}"#).expect("echo"),
         [r#"{"a":1}"#]
@@ -727,7 +723,7 @@ fn an_idle_ticker_sleeps_and_the_next_invocation_wakes_it() {
         "an invocation of a few microseconds left the ticker asleep"
     );
 
-    wait_idle();
+    wait_ticker_idle(&rt);
     let limits = Limits {
         timeout: Duration::from_millis(300),
         ..Limits::DEFAULT
