@@ -203,33 +203,10 @@ impl Client {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _guard = register(&link.waiters, &msg_id, tx);
         let body = wire::encode_request(
-            &OutgoingRequest {
-                method,
-                args,
-                context,
-                msg_id: Some(&msg_id),
-                reply_q: Some(&link.reply_queue),
-                timeout: None,
-                version: None,
-                namespace: None,
-            },
+            &OutgoingRequest::call(method, args, context, &msg_id, Some(&link.reply_queue)),
             &wire::new_id(),
         );
-        let options = PublishOptions {
-            mandatory: true,
-            persistent: true,
-            expiration_ms: Some(timeout.as_millis() as u64),
-            user_id: None,
-            headers: Vec::new(),
-        };
-        self.publish_on(
-            &link,
-            &self.exchange,
-            &target.routing_key(),
-            &body,
-            &options,
-        )
-        .await?;
+        self.publish_call(&link, target, &body, timeout).await?;
         let wait = async {
             let mut last: Option<Box<RawValue>> = None;
             while let Some(reply) = rx.recv().await {
@@ -277,33 +254,10 @@ impl Client {
         channel.declare_queue(&msg_id, &spec).await?;
         let mut consumer = channel.consume(&msg_id, &msg_id).await?;
         let body = wire::encode_request_flat(
-            &OutgoingRequest {
-                method,
-                args,
-                context,
-                msg_id: Some(&msg_id),
-                reply_q: None,
-                timeout: None,
-                version: None,
-                namespace: None,
-            },
+            &OutgoingRequest::call(method, args, context, &msg_id, None),
             &wire::new_id(),
         );
-        let options = PublishOptions {
-            mandatory: true,
-            persistent: true,
-            expiration_ms: Some(timeout.as_millis() as u64),
-            user_id: None,
-            headers: Vec::new(),
-        };
-        self.publish_on(
-            &link,
-            &self.exchange,
-            &target.routing_key(),
-            &body,
-            &options,
-        )
-        .await?;
+        self.publish_call(&link, target, &body, timeout).await?;
         // Bounded: the caller reads results as they come; a slow reader slows our acks.
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -449,6 +403,25 @@ impl Client {
         self.publish_on(&link, exchange, key, body, options).await
     }
 
+    /// A call's request: persistent, and expiring with the caller's timeout, so a server
+    /// that starts late does not run a call nobody waits for any more.
+    async fn publish_call(
+        &self,
+        link: &Link,
+        target: &Target,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        let options = PublishOptions {
+            mandatory: true,
+            persistent: true,
+            expiration_ms: Some(timeout.as_millis() as u64),
+            ..PublishOptions::default()
+        };
+        self.publish_on(link, &self.exchange, &target.routing_key(), body, &options)
+            .await
+    }
+
     async fn publish_on(
         &self,
         link: &Link,
@@ -518,16 +491,7 @@ impl Drop for WaiterGuard {
 
 fn encode_cast(method: &str, args: &RawValue, context: &Map<String, Value>) -> Vec<u8> {
     wire::encode_request(
-        &OutgoingRequest {
-            method,
-            args,
-            context,
-            msg_id: None,
-            reply_q: None,
-            timeout: None,
-            version: None,
-            namespace: None,
-        },
+        &OutgoingRequest::cast(method, args, context),
         &wire::new_id(),
     )
 }

@@ -506,14 +506,8 @@ fn call_monitor_heartbeats_flow_while_a_long_call_runs() {
         let context = serde_json::Map::new();
         let body = encode_request(
             &OutgoingRequest {
-                method: "spin",
-                args: &args,
-                context: &context,
-                msg_id: Some(&msg_id),
-                reply_q: Some(&reply_q),
                 timeout: Some(2.0),
-                version: None,
-                namespace: None,
+                ..OutgoingRequest::call("spin", &args, &context, &msg_id, Some(&reply_q))
             },
             &new_id(),
         );

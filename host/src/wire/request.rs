@@ -203,6 +203,38 @@ pub struct OutgoingRequest<'a> {
     pub namespace: Option<&'a str>,
 }
 
+impl<'a> OutgoingRequest<'a> {
+    /// A cast: no `msg_id`, so no reply is asked for.
+    pub fn cast(method: &'a str, args: &'a RawValue, context: &'a Map<String, Value>) -> Self {
+        OutgoingRequest {
+            method,
+            args,
+            context,
+            msg_id: None,
+            reply_q: None,
+            timeout: None,
+            version: None,
+            namespace: None,
+        }
+    }
+
+    /// A call identified by `msg_id`, whose replies go to `reply_q` (`None` for nova's
+    /// flat multicall, which replies on a queue named after `msg_id`).
+    pub fn call(
+        method: &'a str,
+        args: &'a RawValue,
+        context: &'a Map<String, Value>,
+        msg_id: &'a str,
+        reply_q: Option<&'a str>,
+    ) -> Self {
+        OutgoingRequest {
+            msg_id: Some(msg_id),
+            reply_q,
+            ..OutgoingRequest::cast(method, args, context)
+        }
+    }
+}
+
 /// An [`OutgoingRequest`] with its `_unique_id`, in oslo.messaging's key order
 /// (`_make_message`, then `_send`).
 struct WireRequest<'a, 'b> {

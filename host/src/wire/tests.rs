@@ -238,16 +238,7 @@ fn oslo_callers_without_timeout_key_get_value_then_terminator() {
 #[test]
 fn flat_requests_for_nova_servers() {
     let (args, ctx) = (raw(json!({"value": 42})), context());
-    let call = OutgoingRequest {
-        method: "echo",
-        args: &args,
-        context: &ctx,
-        msg_id: Some(MSG_ID),
-        reply_q: None,
-        timeout: None,
-        version: None,
-        namespace: None,
-    };
+    let call = OutgoingRequest::call("echo", &args, &ctx, MSG_ID, None);
     let body = encode_request_flat(&call, "77aa");
     assert_eq!(parse(&body)["_context_user_id"], "u1");
     let req = decode_request(&body).unwrap();
@@ -596,14 +587,8 @@ fn context() -> Map<String, Value> {
 fn encode_request_matches_oslo_key_order_and_round_trips() {
     let (args, ctx) = (raw(json!({"value": 42})), context());
     let call = OutgoingRequest {
-        method: "echo",
-        args: &args,
-        context: &ctx,
-        msg_id: Some(MSG_ID),
-        reply_q: Some(REPLY_Q),
-        timeout: None,
         version: Some("5.0"),
-        namespace: None,
+        ..OutgoingRequest::call("echo", &args, &ctx, MSG_ID, Some(REPLY_Q))
     };
     let body = encode_request(&call, "77aa");
     let outer = parse(&body);
@@ -634,16 +619,7 @@ fn raw_args_with_whitespace_and_controls_survive_the_envelope() {
     let args =
         RawValue::from_string("{\n\t\"s\": \"a\\u0001\\\"\\\\\u{e9}\"\r\n}".to_owned()).unwrap();
     let ctx = Map::new();
-    let call = OutgoingRequest {
-        method: "m\u{1}\"",
-        args: &args,
-        context: &ctx,
-        msg_id: None,
-        reply_q: None,
-        timeout: None,
-        version: None,
-        namespace: None,
-    };
+    let call = OutgoingRequest::cast("m\u{1}\"", &args, &ctx);
     let req = decode_request(&encode_request(&call, "u")).unwrap();
     assert_eq!(req.args.get(), args.get());
     assert_eq!(req.method, "m\u{1}\"");

@@ -161,16 +161,13 @@ impl LoadGen {
             w.insert(msg_id.clone(), tx);
         }
         let body = wire::encode_request(
-            &OutgoingRequest {
-                method: &self.method,
-                args: &self.args,
-                context: &self.context,
-                msg_id: Some(&msg_id),
-                reply_q: Some(&self.reply_queue),
-                timeout: None,
-                version: None,
-                namespace: None,
-            },
+            &OutgoingRequest::call(
+                &self.method,
+                &self.args,
+                &self.context,
+                &msg_id,
+                Some(&self.reply_queue),
+            ),
             &wire::new_id(),
         );
         let options = PublishOptions {
@@ -277,16 +274,7 @@ impl LoadGen {
         let mut publishes = futures_util::stream::iter(0..count)
             .map(|_| {
                 let body = wire::encode_request(
-                    &OutgoingRequest {
-                        method: &self.method,
-                        args: &self.args,
-                        context: &self.context,
-                        msg_id: None,
-                        reply_q: None,
-                        timeout: None,
-                        version: None,
-                        namespace: None,
-                    },
+                    &OutgoingRequest::cast(&self.method, &self.args, &self.context),
                     &wire::new_id(),
                 );
                 let options = &options;
