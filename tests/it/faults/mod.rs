@@ -91,6 +91,27 @@ fn receipt_handler(topic: &str, receipts: &Receipts, extra: &str) -> String {
     )
 }
 
+/// Daemon `server` on the broker at `url`, serving the `receipt` plugin on `topic`, with
+/// `server_extra` in its `[server]` table.
+fn start_receipt_daemon(
+    url: &str,
+    server: &str,
+    topic: &str,
+    receipts: &Receipts,
+    server_extra: &str,
+) -> Daemon {
+    Daemon::start_config(
+        server,
+        &config(
+            url,
+            server,
+            "",
+            server_extra,
+            &receipt_handler(topic, receipts, ""),
+        ),
+    )
+}
+
 /// The last lines of a daemon's log, for failure messages.
 fn tail(daemon: &Daemon) -> String {
     let text = daemon.log_text();
@@ -356,16 +377,7 @@ fn fifty_connection_cuts_under_load_lose_nothing() {
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let relay = Relay::start(shared_broker_addr());
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
-        &server,
-        &config(
-            &relay.url(&broker_url()),
-            &server,
-            "",
-            "",
-            &receipt_handler(&topic, &receipts, ""),
-        ),
-    );
+    let daemon = start_receipt_daemon(&relay.url(&broker_url()), &server, &topic, &receipts, "");
     let mut publisher = Publisher::new(&broker_url(), EXCHANGE, &topic);
     let deadline = far(300);
     let per_round = 40;
@@ -428,16 +440,7 @@ fn client_call_in_flight_at_a_cut_fails_and_the_next_call_reconnects() {
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let receipts = Receipts::new();
     // The daemon connects directly; only the client goes through the relay.
-    let daemon = Daemon::start_config(
-        &server,
-        &config(
-            &broker_url(),
-            &server,
-            "",
-            "",
-            &receipt_handler(&topic, &receipts, ""),
-        ),
-    );
+    let daemon = start_receipt_daemon(&broker_url(), &server, &topic, &receipts, "");
     let relay = Relay::start(shared_broker_addr());
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let client = Arc::new(
@@ -627,16 +630,7 @@ fn half_open_connection_is_detected_within_two_heartbeats_and_recovers() {
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let relay = Relay::start(shared_broker_addr());
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
-        &server,
-        &config(
-            &relay.url(&broker_url()),
-            &server,
-            "",
-            "",
-            &receipt_handler(&topic, &receipts, ""),
-        ),
-    );
+    let daemon = start_receipt_daemon(&relay.url(&broker_url()), &server, &topic, &receipts, "");
     let metrics = metrics_addr(&daemon);
     assert!(
         wait_health(metrics, 200, Duration::from_secs(10)).is_some(),
@@ -772,15 +766,12 @@ fn a_crashing_cast_is_dead_lettered_with_a_reason_and_the_good_ones_are_handled(
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let _dead = DeleteDeadLetters(dlx.clone());
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
+    let daemon = start_receipt_daemon(
+        &broker_url(),
         &server,
-        &config(
-            &broker_url(),
-            &server,
-            "",
-            &format!("max_deliveries = 3\ndead_letter_exchange = \"{dlx}\""),
-            &receipt_handler(&topic, &receipts, ""),
-        ),
+        &topic,
+        &receipts,
+        &format!("max_deliveries = 3\ndead_letter_exchange = \"{dlx}\""),
     );
     let mut publisher = Publisher::new(&broker_url(), EXCHANGE, &topic);
     let mut msgs = Msg::batch(0, 100, 10, 0);
@@ -953,16 +944,7 @@ fn flood_of_100k_casts_from_4_publishers_is_handled_in_bounded_memory() {
     let server = unique("d");
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
-        &server,
-        &config(
-            &broker_url(),
-            &server,
-            "",
-            "",
-            &receipt_handler(&topic, &receipts, ""),
-        ),
-    );
+    let daemon = start_receipt_daemon(&broker_url(), &server, &topic, &receipts, "");
     // Warm up (module instances, pools, buffers) before taking the baseline.
     let mut warm = Publisher::new(&broker_url(), EXCHANGE, &topic);
     let warm_ids = 1_000_000..1_002_000u64;
@@ -1044,15 +1026,12 @@ fn slow_consumer_never_holds_more_than_prefetch_unacked() {
     let server = unique("d");
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
+    let daemon = start_receipt_daemon(
+        &broker_url(),
         &server,
-        &config(
-            &broker_url(),
-            &server,
-            "",
-            &format!("prefetch = {PREFETCH}\nconcurrency = 16"),
-            &receipt_handler(&topic, &receipts, ""),
-        ),
+        &topic,
+        &receipts,
+        &format!("prefetch = {PREFETCH}\nconcurrency = 16"),
     );
     let mut publisher = Publisher::new(&broker_url(), EXCHANGE, &topic);
     // 10 x prefetch requests of 2 s each: 20 s of work at 4 at a time, long enough for several
@@ -1099,16 +1078,7 @@ fn reply_to_a_caller_that_went_away_is_dropped_logged_and_the_request_acked() {
     let server = unique("d");
     let _cleanup = DeleteQueues::rpc(&topic, &[&server]);
     let receipts = Receipts::new();
-    let daemon = Daemon::start_config(
-        &server,
-        &config(
-            &broker_url(),
-            &server,
-            "",
-            "",
-            &receipt_handler(&topic, &receipts, ""),
-        ),
-    );
+    let daemon = start_receipt_daemon(&broker_url(), &server, &topic, &receipts, "");
     // The caller publishes a call that takes 1.5 s, then goes away with its (exclusive) reply
     // queue before the answer.
     let mut caller = Publisher::new(&broker_url(), EXCHANGE, &topic);
