@@ -27,6 +27,11 @@ pub const SLOW_TICK: Duration = Duration::from_millis(10);
 /// so a large value does not mean a large memset.
 const KEEP_RESIDENT: usize = 2 << 20;
 
+/// [`KEEP_RESIDENT`] when PAGEMAP_SCAN is off (see [`pagemap_scan`]): then every byte kept
+/// resident is copied back on every call, touched or not, so only a small guest's stack and
+/// data; the rest is decommitted and faulted in again by the next call that touches it.
+const KEEP_RESIDENT_WITHOUT_SCAN: usize = 256 << 10;
+
 /// Engine-wide settings, fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -56,6 +61,9 @@ impl EngineSettings {
 pub enum Allocator {
     /// Pre-reserved slots with copy-on-write memory images: instantiation in microseconds.
     Pooling,
+    /// The same pool, with slots reset without PAGEMAP_SCAN because swap is active (see
+    /// [`pagemap_scan`]): every byte kept resident is copied back, a few µs more per call.
+    PoolingSwapSafe,
     /// mmap per instance; used where the pool's virtual-memory reservation is refused.
     OnDemand,
 }
@@ -100,14 +108,24 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         // ioctl on Linux 6.7+) by copying the image back: no faults, no madvise.
         // An invocation runs on a fiber (so a long one can yield its thread, see
         // `Runtime::invoke_async`); one stack per instance slot, each reused as it is.
-        .total_stacks(settings.max_instances)
-        .pagemap_scan(wasmtime::Enabled::Auto)
-        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .total_stacks(settings.max_instances);
+    let scan = pagemap_scan();
+    pool.pagemap_scan(scan)
+        .linear_memory_keep_resident(match scan {
+            wasmtime::Enabled::No => KEEP_RESIDENT_WITHOUT_SCAN,
+            _ => KEEP_RESIDENT,
+        })
         .table_keep_resident(64 << 10);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&config) {
-        Ok(engine) => Ok((engine, Allocator::Pooling)),
+        Ok(engine) => Ok((
+            engine,
+            match scan {
+                wasmtime::Enabled::No => Allocator::PoolingSwapSafe,
+                _ => Allocator::Pooling,
+            },
+        )),
         Err(err) => {
             tracing::warn!(error = %err, "pooling allocator unavailable, using on-demand allocation");
             let engine = Engine::new(&base_config())
@@ -115,6 +133,48 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
             Ok((engine, Allocator::OnDemand))
         }
     }
+}
+
+/// Whether pooled slots are reset with the help of PAGEMAP_SCAN: only while no swap is active.
+///
+/// wasmtime 48.0.8 resets in place only the dirty pages that are *present*. A page the kernel
+/// swapped out while its call ran is neither reset nor decommitted, so the next instance in
+/// that slot reads the previous call's memory (reproduced with `MADV_PAGEOUT` and a swap file),
+/// or a table slot's stale function references. wasmtime 48.0.11 fixes it, but `wasmtime-wasi`
+/// has no release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. Without
+/// the scan, wasmtime copies back every byte it keeps resident and decommits the rest, which
+/// restores swapped pages too. Swap is read once, at start-up: an operator who turns it on
+/// later restarts the daemon.
+fn pagemap_scan() -> wasmtime::Enabled {
+    if !cfg!(target_os = "linux") {
+        // PAGEMAP_SCAN is Linux's; elsewhere wasmtime resets without it anyway.
+        return wasmtime::Enabled::Auto;
+    }
+    match std::fs::read_to_string("/proc/swaps") {
+        Ok(swaps) if !swap_active(&swaps) => wasmtime::Enabled::Auto,
+        // Not a fault, so no warning: the daemon's start-up line names the allocator.
+        Ok(_) => {
+            tracing::debug!(
+                "swap is active: sandboxes are reset without PAGEMAP_SCAN, which would miss \
+                 swapped-out guest pages"
+            );
+            wasmtime::Enabled::No
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read /proc/swaps; sandboxes are reset \
+                without PAGEMAP_SCAN, as if swap were active (slower per call)");
+            wasmtime::Enabled::No
+        }
+    }
+}
+
+/// Whether the text of `/proc/swaps` (a header line, then a line per active swap area, zram
+/// and zswap-backed files included) lists any swap area.
+fn swap_active(proc_swaps: &str) -> bool {
+    proc_swaps
+        .lines()
+        .skip(1)
+        .any(|line| !line.trim().is_empty())
 }
 
 /// How long nothing must have run before the ticker slows down.
@@ -282,5 +342,86 @@ impl Drop for EpochTicker {
             thread.thread().unpark();
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Allocator, EngineSettings, build_engine, swap_active};
+
+    #[test]
+    fn no_swap_area_means_no_swap() {
+        assert!(!swap_active(
+            "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+        ));
+        assert!(!swap_active(""));
+    }
+
+    #[test]
+    fn any_listed_swap_area_means_swap() {
+        let file = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
+                    /swapfile                               file\t\t524284\t\t0\t\t-2\n";
+        assert!(swap_active(file));
+        let zram = "Filename\tType\tSize\tUsed\tPriority\n/dev/zram0 partition 8388604 0 100\n";
+        assert!(swap_active(zram));
+    }
+
+    /// A guest page that the kernel swapped out while its call ran must not reach the next
+    /// call in the same pool slot. Only a machine with active swap can page it out: elsewhere
+    /// `MADV_PAGEOUT` leaves an anonymous page in place and this checks the ordinary reset.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_page_swapped_out_during_a_call_is_reset_for_the_next_one() {
+        const AT: i32 = 3 * 4096;
+        let settings = EngineSettings {
+            max_memory_bytes: 1 << 20,
+            // One memory slot: the second instance reuses the first one's.
+            max_instances: 1,
+            max_prepared: 0,
+        };
+        let (engine, allocator) = build_engine(&settings).expect("engine");
+        assert!(
+            matches!(allocator, Allocator::Pooling | Allocator::PoolingSwapSafe),
+            "{allocator:?}"
+        );
+        let module = wasmtime::Module::new(
+            &engine,
+            r#"(module (memory (export "m") 1)
+                 (func (export "put") (param i32 i32) local.get 0 local.get 1 i32.store)
+                 (func (export "get") (param i32) (result i32) local.get 0 i32.load))"#,
+        )
+        .expect("module");
+        {
+            let mut store = wasmtime::Store::new(&engine, ());
+            // No ticker here: the epoch stays at 0, so one tick is as good as forever.
+            store.set_epoch_deadline(1);
+            let instance = wasmtime::Instance::new_async(&mut store, &module, &[])
+                .await
+                .expect("first instance");
+            let put = instance
+                .get_typed_func::<(i32, i32), ()>(&mut store, "put")
+                .expect("put");
+            put.call_async(&mut store, (AT, 0x5ec7e7))
+                .await
+                .expect("put runs");
+            let memory = instance.get_memory(&mut store, "m").expect("memory");
+            // SAFETY: the page lies inside the instance's accessible memory, which lives as
+            // long as `store`; MADV_PAGEOUT only hints, the contents stay the same.
+            let rc = unsafe {
+                let page = memory.data_ptr(&store).add(AT as usize);
+                libc::madvise(page.cast(), 4096, libc::MADV_PAGEOUT)
+            };
+            assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+        }
+        let mut store = wasmtime::Store::new(&engine, ());
+        store.set_epoch_deadline(1);
+        let instance = wasmtime::Instance::new_async(&mut store, &module, &[])
+            .await
+            .expect("second instance");
+        let get = instance
+            .get_typed_func::<i32, i32>(&mut store, "get")
+            .expect("get");
+        let seen = get.call_async(&mut store, AT).await.expect("get runs");
+        assert_eq!(seen, 0, "the next call read the previous call's memory");
     }
 }
