@@ -21,16 +21,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// caller than any one part of the daemon's own code.
 pub const SLOW_TICK: Duration = Duration::from_millis(10);
 
-/// Bytes of each memory slot reset in place instead of decommitted. Covers a Rust guest's
-/// stack (128 KiB as the repository builds guests, Rust's default is 1 MiB), its data and a
-/// modest heap; only pages actually touched are reset when the kernel supports PAGEMAP_SCAN,
-/// so a large value does not mean a large memset.
-const KEEP_RESIDENT: usize = 2 << 20;
-
-/// [`KEEP_RESIDENT`] when PAGEMAP_SCAN is off (see [`pagemap_scan`]): then every byte kept
-/// resident is copied back on every call, touched or not, so only a small guest's stack and
-/// data; the rest is decommitted and faulted in again by the next call that touches it.
-const KEEP_RESIDENT_WITHOUT_SCAN: usize = 256 << 10;
+/// Bytes at the start of each memory slot reset in place (copied back from the module's image)
+/// after every call instead of decommitted. Covers a Rust guest's stack (128 KiB as the
+/// repository builds guests, Rust's default is 1 MiB) and data; the rest of a larger memory is
+/// decommitted and faulted in again by the next call that touches it. Every byte of it is
+/// copied on every call, touched or not (see [`build_engine`] for why no dirty-page scan).
+const KEEP_RESIDENT: usize = 256 << 10;
 
 /// Engine-wide settings, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -61,9 +57,6 @@ impl EngineSettings {
 pub enum Allocator {
     /// Pre-reserved slots with copy-on-write memory images: instantiation in microseconds.
     Pooling,
-    /// The same pool, with slots reset without PAGEMAP_SCAN because swap is active (see
-    /// [`pagemap_scan`]): every byte kept resident is copied back, a few µs more per call.
-    PoolingSwapSafe,
     /// mmap per instance; used where the pool's virtual-memory reservation is refused.
     OnDemand,
 }
@@ -102,30 +95,26 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         .max_memories_per_component(u32::try_from(per.memories).unwrap_or(u32::MAX))
         .max_tables_per_component(u32::try_from(per.tables).unwrap_or(u32::MAX))
         .max_memory_size(settings.max_memory_bytes)
-        // A fresh instance per call costs page faults on every page the guest touches, and an
-        // madvise to drop them afterwards; profiling put that at over half of a small call.
-        // Instead keep touched pages resident and reset only those (found with the PAGEMAP_SCAN
-        // ioctl on Linux 6.7+) by copying the image back: no faults, no madvise.
         // An invocation runs on a fiber (so a long one can yield its thread, see
         // `Runtime::invoke_async`); one stack per instance slot, each reused as it is.
-        .total_stacks(settings.max_instances);
-    let scan = pagemap_scan();
-    pool.pagemap_scan(scan)
-        .linear_memory_keep_resident(match scan {
-            wasmtime::Enabled::No => KEEP_RESIDENT_WITHOUT_SCAN,
-            _ => KEEP_RESIDENT,
-        })
+        .total_stacks(settings.max_instances)
+        // A fresh instance per call would take a page fault on every page the guest touches,
+        // and an madvise to drop them afterwards; keeping the first pages resident and copying
+        // the image back over them costs less. wasmtime can find the pages a call dirtied with
+        // Linux's PAGEMAP_SCAN and copy only those, but 48.0.8 counts only pages that are
+        // present: a dirty page the kernel has swapped out, or is migrating at that moment
+        // (compaction runs with no swap at all), is neither reset nor decommitted, and the next
+        // call in the slot, perhaps another handler's, reads the previous call's memory or a
+        // table's stale function references. 48.0.11 fixes it, but `wasmtime-wasi` has no
+        // release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. So no
+        // scan: for the echo plugin (192 KiB) that is 2-3 µs more CPU per call under load.
+        .pagemap_scan(wasmtime::Enabled::No)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(64 << 10);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&config) {
-        Ok(engine) => Ok((
-            engine,
-            match scan {
-                wasmtime::Enabled::No => Allocator::PoolingSwapSafe,
-                _ => Allocator::Pooling,
-            },
-        )),
+        Ok(engine) => Ok((engine, Allocator::Pooling)),
         Err(err) => {
             tracing::warn!(error = %err, "pooling allocator unavailable, using on-demand allocation");
             let engine = Engine::new(&base_config())
@@ -133,48 +122,6 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
             Ok((engine, Allocator::OnDemand))
         }
     }
-}
-
-/// Whether pooled slots are reset with the help of PAGEMAP_SCAN: only while no swap is active.
-///
-/// wasmtime 48.0.8 resets in place only the dirty pages that are *present*. A page the kernel
-/// swapped out while its call ran is neither reset nor decommitted, so the next instance in
-/// that slot reads the previous call's memory (reproduced with `MADV_PAGEOUT` and a swap file),
-/// or a table slot's stale function references. wasmtime 48.0.11 fixes it, but `wasmtime-wasi`
-/// has no release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. Without
-/// the scan, wasmtime copies back every byte it keeps resident and decommits the rest, which
-/// restores swapped pages too. Swap is read once, at start-up: an operator who turns it on
-/// later restarts the daemon.
-fn pagemap_scan() -> wasmtime::Enabled {
-    if !cfg!(target_os = "linux") {
-        // PAGEMAP_SCAN is Linux's; elsewhere wasmtime resets without it anyway.
-        return wasmtime::Enabled::Auto;
-    }
-    match std::fs::read_to_string("/proc/swaps") {
-        Ok(swaps) if !swap_active(&swaps) => wasmtime::Enabled::Auto,
-        // Not a fault, so no warning: the daemon's start-up line names the allocator.
-        Ok(_) => {
-            tracing::debug!(
-                "swap is active: sandboxes are reset without PAGEMAP_SCAN, which would miss \
-                 swapped-out guest pages"
-            );
-            wasmtime::Enabled::No
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot read /proc/swaps; sandboxes are reset \
-                without PAGEMAP_SCAN, as if swap were active (slower per call)");
-            wasmtime::Enabled::No
-        }
-    }
-}
-
-/// Whether the text of `/proc/swaps` (a header line, then a line per active swap area, zram
-/// and zswap-backed files included) lists any swap area.
-fn swap_active(proc_swaps: &str) -> bool {
-    proc_swaps
-        .lines()
-        .skip(1)
-        .any(|line| !line.trim().is_empty())
 }
 
 /// How long nothing must have run before the ticker slows down.
@@ -347,32 +294,22 @@ impl Drop for EpochTicker {
 
 #[cfg(test)]
 mod tests {
-    use super::{Allocator, EngineSettings, build_engine, swap_active};
+    use super::{Allocator, EngineSettings, KEEP_RESIDENT, build_engine};
 
-    #[test]
-    fn no_swap_area_means_no_swap() {
-        assert!(!swap_active(
-            "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
-        ));
-        assert!(!swap_active(""));
-    }
-
-    #[test]
-    fn any_listed_swap_area_means_swap() {
-        let file = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
-                    /swapfile                               file\t\t524284\t\t0\t\t-2\n";
-        assert!(swap_active(file));
-        let zram = "Filename\tType\tSize\tUsed\tPriority\n/dev/zram0 partition 8388604 0 100\n";
-        assert!(swap_active(zram));
-    }
-
-    /// A guest page that the kernel swapped out while its call ran must not reach the next
-    /// call in the same pool slot. Only a machine with active swap can page it out: elsewhere
-    /// `MADV_PAGEOUT` leaves an anonymous page in place and this checks the ordinary reset.
+    /// Pages a call dirtied must be back to the module's image for the next call in the same
+    /// pool slot, wherever they lie and even if the kernel moved them out of memory meanwhile:
+    /// one in the kept-resident part with zeroes in the image, one holding the image's data,
+    /// one past the kept-resident part. Each is paged out (`MADV_PAGEOUT`) before its instance
+    /// is dropped, which is where wasmtime 48.0.8's PAGEMAP_SCAN reset lost it; only a machine
+    /// with swap the process may use can page them out, elsewhere the pages stay and this
+    /// checks the reset as it always runs.
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_page_swapped_out_during_a_call_is_reset_for_the_next_one() {
-        const AT: i32 = 3 * 4096;
+    async fn dirty_pages_are_back_to_the_image_for_the_next_call_even_if_paged_out() {
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page");
+        let zeroes = 3 * page;
+        let data = 2 * page;
+        let beyond = KEEP_RESIDENT + 2 * page;
         let settings = EngineSettings {
             max_memory_bytes: 1 << 20,
             // One memory slot: the second instance reuses the first one's.
@@ -380,48 +317,76 @@ mod tests {
             max_prepared: 0,
         };
         let (engine, allocator) = build_engine(&settings).expect("engine");
-        assert!(
-            matches!(allocator, Allocator::Pooling | Allocator::PoolingSwapSafe),
-            "{allocator:?}"
-        );
-        let module = wasmtime::Module::new(
-            &engine,
-            r#"(module (memory (export "m") 1)
+        assert_eq!(allocator, Allocator::Pooling);
+        let wat = format!(
+            r#"(module (memory (export "m") 8)
+                 (data (i32.const {data}) "\2a")
                  (func (export "put") (param i32 i32) local.get 0 local.get 1 i32.store)
-                 (func (export "get") (param i32) (result i32) local.get 0 i32.load))"#,
-        )
-        .expect("module");
+                 (func (export "get") (param i32) (result i32) local.get 0 i32.load))"#
+        );
+        let module = wasmtime::Module::new(&engine, wat).expect("module");
+        let addresses = [zeroes, data, beyond];
+        let mut paged_out = Vec::new();
         {
-            let mut store = wasmtime::Store::new(&engine, ());
-            // No ticker here: the epoch stays at 0, so one tick is as good as forever.
-            store.set_epoch_deadline(1);
-            let instance = wasmtime::Instance::new_async(&mut store, &module, &[])
-                .await
-                .expect("first instance");
+            let (mut store, instance) = fresh(&engine, &module).await;
             let put = instance
                 .get_typed_func::<(i32, i32), ()>(&mut store, "put")
                 .expect("put");
-            put.call_async(&mut store, (AT, 0x5ec7e7))
-                .await
-                .expect("put runs");
             let memory = instance.get_memory(&mut store, "m").expect("memory");
-            // SAFETY: the page lies inside the instance's accessible memory, which lives as
-            // long as `store`; MADV_PAGEOUT only hints, the contents stay the same.
-            let rc = unsafe {
-                let page = memory.data_ptr(&store).add(AT as usize);
-                libc::madvise(page.cast(), 4096, libc::MADV_PAGEOUT)
-            };
-            assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+            for at in addresses {
+                let at32 = i32::try_from(at).expect("address");
+                put.call_async(&mut store, (at32, 0x5ec7e7))
+                    .await
+                    .expect("put runs");
+                // SAFETY: the page lies inside the instance's accessible memory, which lives as
+                // long as `store`; MADV_PAGEOUT only moves it, the contents stay the same.
+                let (rc, swapped) = unsafe {
+                    let ptr = memory.data_ptr(&store).add(at);
+                    let rc = libc::madvise(ptr.cast(), page, libc::MADV_PAGEOUT);
+                    (rc, swapped_out(ptr as usize / page))
+                };
+                assert_eq!(rc, 0, "madvise: {}", std::io::Error::last_os_error());
+                paged_out.push(swapped);
+            }
         }
-        let mut store = wasmtime::Store::new(&engine, ());
-        store.set_epoch_deadline(1);
-        let instance = wasmtime::Instance::new_async(&mut store, &module, &[])
-            .await
-            .expect("second instance");
+        let (mut store, instance) = fresh(&engine, &module).await;
         let get = instance
             .get_typed_func::<i32, i32>(&mut store, "get")
             .expect("get");
-        let seen = get.call_async(&mut store, AT).await.expect("get runs");
-        assert_eq!(seen, 0, "the next call read the previous call's memory");
+        let mut seen = Vec::new();
+        for at in addresses {
+            let at32 = i32::try_from(at).expect("address");
+            seen.push(get.call_async(&mut store, at32).await.expect("get runs"));
+        }
+        assert_eq!(
+            seen,
+            [0, 0x2a, 0],
+            "the next call read the previous call's memory (pages paged out: {paged_out:?})"
+        );
+    }
+
+    async fn fresh(
+        engine: &wasmtime::Engine,
+        module: &wasmtime::Module,
+    ) -> (wasmtime::Store<()>, wasmtime::Instance) {
+        let mut store = wasmtime::Store::new(engine, ());
+        // No ticker here: the epoch stays at 0, so one tick is as good as forever.
+        store.set_epoch_deadline(1);
+        let instance = wasmtime::Instance::new_async(&mut store, module, &[])
+            .await
+            .expect("instance");
+        (store, instance)
+    }
+
+    /// Whether the page numbered `page` of this process is in swap, from `/proc/self/pagemap`
+    /// (bit 62 of its entry); `None` if that cannot be read.
+    fn swapped_out(page: usize) -> Option<bool> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut map = std::fs::File::open("/proc/self/pagemap").ok()?;
+        map.seek(SeekFrom::Start(u64::try_from(page).ok()? * 8))
+            .ok()?;
+        let mut entry = [0u8; 8];
+        map.read_exact(&mut entry).ok()?;
+        Some(u64::from_le_bytes(entry) & (1 << 62) != 0)
     }
 }
