@@ -6,10 +6,12 @@
 KIND is `native` (`warren bench --serve-native`) or `warren` (`warren serve` with the echo
 plugin, concurrency 16, prefetch 64, no module cache). BINARY defaults to
 ./target/release/warren, so two builds can be set against each other; VAR=VALUE pairs go into
-that server's environment, for experiments switched by a variable. The load generator is
-always ./target/release/warren, the same for every server. Example:
+that server's environment, for experiments switched by a variable; ECHO_MODULE=PATH among them
+serves another echo module (plugins/out/echo.wasm by default). The load generator is always
+./target/release/warren, the same for every server. Examples:
 
     scripts/alternating-phases.py native=native warren=warren old=warren@/tmp/warren-old
+    scripts/alternating-phases.py native=native warren=warren big=warren:ECHO_MODULE=/tmp/echo.wasm
 
 Every server starts at once on its own fresh topic and stays up; each round gives every server
 one phase of `warren bench --topic` in turn, the order reversed every other round, so slow
@@ -56,6 +58,7 @@ class Server:
         for pair in filter(None, env_spec.split(",")):
             key, _, value = pair.partition("=")
             env[key] = value
+        module = env.get("ECHO_MODULE", str(ECHO))
         if self.kind == "native":
             argv = [self.binary, "bench", "--serve-native", "--topic", self.topic,
                     "--exchange", "openstack", "--broker", BROKER]
@@ -65,7 +68,7 @@ class Server:
             config.write_text(
                 f'[broker]\nurl = "{BROKER}"\n'
                 "[server]\nprefetch = 64\nconcurrency = 16\nwatch = false\ncache_dir = \"\"\n"
-                f'[[handler]]\ntopic = "{self.topic}"\nmodule = "{ECHO}"\n'
+                f'[[handler]]\ntopic = "{self.topic}"\nmodule = "{module}"\n'
             )
             env["WARREN_LOG_FORMAT"] = "json"
             argv = [self.binary, "serve", "--config", str(config)]

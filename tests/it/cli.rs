@@ -76,16 +76,16 @@ fn inspect_lists_methods_and_abi() {
     for m in ["add", "div", "fib", "stats"] {
         assert!(methods.contains(&m), "{methods:?}");
     }
-    // The repository's .cargo/config.toml gives Rust guests a 128 KiB stack instead of 1 MiB:
-    // three pages, where Rust's default makes seventeen (and every call resets them).
-    assert_eq!(v["initial_memory_bytes"], 3 * 65536, "{out}");
+    // The repository's .cargo/config.toml gives Rust guests a 64 KiB stack instead of 1 MiB:
+    // two pages, where Rust's default makes seventeen (and every call resets them).
+    assert_eq!(v["initial_memory_bytes"], 2 * 65536, "{out}");
     let (code, text, _) = run(&["inspect", calc.to_str().expect("utf8")]);
     assert_eq!(code, 0);
-    assert!(text.contains("memory:      192 KiB initial"), "{text}");
+    assert!(text.contains("memory:      128 KiB initial"), "{text}");
 }
 
 /// Arguments and a context nested as deep as the daemon's decoder admits (64 levels) fit in
-/// the example plugins' 128 KiB guest stack: `context` parses the context into a tree and
+/// the example plugins' 64 KiB guest stack: `context` parses the context into a tree and
 /// serialises it back, recursing once per level.
 #[test]
 fn deepest_nesting_the_wire_admits_fits_the_guest_stack() {

@@ -488,15 +488,15 @@ fn new_rust_skeleton_builds_offline_and_answers() {
     );
     let module = repo().join("target/new-skeletons/wasm32-wasip1/release/demo_rust.wasm");
     assert_skeleton_answers(&module);
-    // The skeleton's .cargo/config.toml (a 128 KiB stack) applies outside this repository too:
-    // three pages of memory, where Rust's 1 MiB default stack makes seventeen.
+    // The skeleton's .cargo/config.toml (a 64 KiB stack) applies outside this repository too:
+    // two pages of memory, where Rust's 1 MiB default stack makes seventeen.
     let out = warren()
         .args(["inspect", "--json"])
         .arg(&module)
         .output()
         .expect("warren runs");
     let v: Value = serde_json::from_slice(&out.stdout).expect("inspect --json");
-    assert_eq!(v["initial_memory_bytes"], 3 * 65536, "{v}");
+    assert_eq!(v["initial_memory_bytes"], 2 * 65536, "{v}");
 }
 
 #[test]

@@ -44,7 +44,7 @@ pub struct InvokeArgs {
 ///
 /// Every call gets a fresh instance whose used memory is reset afterwards, at a cost that grows
 /// with the memory's size: a Rust guest linked with the default 1 MiB stack starts at 1088 KiB,
-/// the example plugins (128 KiB stack, see plugins/README.md) at 192 KiB.
+/// the example plugins (64 KiB stack, see plugins/README.md) at 128 KiB.
 #[derive(Args)]
 #[command(after_help = "Example:\n  warren inspect plugins/out/calc.wasm")]
 pub struct InspectArgs {

@@ -22,10 +22,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 pub const SLOW_TICK: Duration = Duration::from_millis(10);
 
 /// Bytes at the start of each memory slot reset in place (copied back from the module's image)
-/// after every call instead of decommitted. Covers a Rust guest's stack (128 KiB as the
-/// repository builds guests, Rust's default is 1 MiB) and data; the rest of a larger memory is
-/// decommitted and faulted in again by the next call that touches it. Every byte of it is
-/// copied on every call, touched or not (see [`build_engine`] for why no dirty-page scan).
+/// after every call instead of decommitted. Covers a Rust guest's stack (64 KiB as the
+/// repository builds guests, Rust's default is 1 MiB), data and first heap pages, with room for
+/// a 128 KiB stack; the rest of a larger memory is decommitted and faulted in again by the next
+/// call that touches it. Every byte of it is copied on every call, touched or not (see
+/// [`build_engine`] for why no dirty-page scan).
 const KEEP_RESIDENT: usize = 256 << 10;
 
 /// Engine-wide settings, fixed for the life of the process.
@@ -107,7 +108,8 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         // call in the slot, perhaps another handler's, reads the previous call's memory or a
         // table's stale function references. 48.0.11 fixes it, but `wasmtime-wasi` has no
         // release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. So no
-        // scan: for the echo plugin (192 KiB) that is 2-3 µs more CPU per call under load.
+        // scan, so every call copies its whole memory back, which is why the repository's Rust
+        // guests are linked with a 64 KiB stack (`.cargo/config.toml`).
         .pagemap_scan(wasmtime::Enabled::No)
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(64 << 10);
