@@ -308,6 +308,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn dirty_pages_are_back_to_the_image_for_the_next_call_even_if_paged_out() {
+        // SAFETY: sysconf reads a constant of the system and has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page");
         let zeroes = 3 * page;
         let data = 2 * page;
