@@ -108,7 +108,7 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         // call in the slot, perhaps another handler's, reads the previous call's memory or a
         // table's stale function references. 48.0.11 fixes it, but `wasmtime-wasi` has no
         // release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. So no
-        // scan, so every call copies its whole memory back, which is why the repository's Rust
+        // scan: every call copies its whole memory back, which is why the repository's Rust
         // guests are linked with a 64 KiB stack (`.cargo/config.toml`).
         .pagemap_scan(wasmtime::Enabled::No)
         .linear_memory_keep_resident(KEEP_RESIDENT)
