@@ -13,7 +13,12 @@ use warren::runtime::{EngineSettings, Limits, Runtime, parse_args};
 #[path = "../../tests/common/example_plugins.rs"]
 mod example_plugins;
 
+/// The example echo plugin, or the module `ECHO_MODULE` names, so that two builds of it (another
+/// stack size, another toolchain) can be set against each other.
 fn echo_module() -> PathBuf {
+    if let Some(path) = std::env::var_os("ECHO_MODULE") {
+        return path.into();
+    }
     example_plugins::example_plugin("echo")
 }
 

@@ -77,7 +77,8 @@ fn inspect_lists_methods_and_abi() {
         assert!(methods.contains(&m), "{methods:?}");
     }
     // The repository's .cargo/config.toml gives Rust guests a 64 KiB stack instead of 1 MiB:
-    // two pages, where Rust's default makes seventeen (and every call resets them).
+    // two pages, where Rust's default makes seventeen (which, on a kernel without
+    // PAGEMAP_SCAN, every call resets).
     assert_eq!(v["initial_memory_bytes"], 2 * 65536, "{out}");
     let (code, text, _) = run(&["inspect", calc.to_str().expect("utf8")]);
     assert_eq!(code, 0);

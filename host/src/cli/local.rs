@@ -42,9 +42,10 @@ pub struct InvokeArgs {
 
 /// Print a module's ABI version, its callable methods and its initial memory.
 ///
-/// Every call gets a fresh instance whose used memory is reset afterwards, at a cost that grows
-/// with the memory's size: a Rust guest linked with the default 1 MiB stack starts at 1088 KiB,
-/// the example plugins (64 KiB stack, see plugins/README.md) at 128 KiB.
+/// Every call gets a fresh instance whose used memory is reset afterwards; where the kernel
+/// lacks PAGEMAP_SCAN (before Linux 6.7) at a cost that grows with the memory's size: a Rust
+/// guest linked with the default 1 MiB stack starts at 1088 KiB, the example plugins (64 KiB
+/// stack, see plugins/README.md) at 128 KiB.
 #[derive(Args)]
 #[command(after_help = "Example:\n  warren inspect plugins/out/calc.wasm")]
 pub struct InspectArgs {
@@ -147,7 +148,8 @@ pub fn inspect(args: InspectArgs) -> ExitCode {
             println!("abi version: {}", warren::runtime::ABI_VERSION);
         }
         println!("sha256:      {}…", module.hash_prefix());
-        // Each call resets what its instance's memory used: a small memory is a cheap call.
+        // Each call resets what its instance's memory used: without PAGEMAP_SCAN a small memory
+        // is a cheap call.
         println!(
             "memory:      {} KiB initial",
             module.initial_memory_bytes() / 1024

@@ -21,13 +21,20 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// caller than any one part of the daemon's own code.
 pub const SLOW_TICK: Duration = Duration::from_millis(10);
 
-/// Bytes at the start of each memory slot reset in place (copied back from the module's image)
-/// after every call instead of decommitted. Covers a Rust guest's stack (64 KiB as the
-/// repository builds guests, Rust's default is 1 MiB), data and first heap pages, with room for
-/// a 128 KiB stack; the rest of a larger memory is decommitted and faulted in again by the next
-/// call that touches it. Every byte of it is copied on every call, touched or not (see
-/// [`build_engine`] for why no dirty-page scan).
-const KEEP_RESIDENT: usize = 256 << 10;
+/// Most bytes of each memory slot reset in place after every call (copied back from the module's
+/// image) instead of decommitted, where the kernel has PAGEMAP_SCAN (Linux 6.7+): only the
+/// pages the call dirtied are copied, so this bounds the work and the resident memory of a slot
+/// rather than setting them. 2 MiB covers a guest that touches a megabyte-sized stack or heap
+/// (Rust's default stack, an AssemblyScript or Python runtime) without a page fault per page on
+/// every call.
+const KEEP_RESIDENT: usize = 2 << 20;
+
+/// [`KEEP_RESIDENT`] where the kernel lacks PAGEMAP_SCAN: then every byte kept resident is
+/// copied back on every call, touched or not, so only a small guest's stack (64 KiB as the
+/// repository builds guests), data and first heap pages, with room for a 128 KiB stack; the
+/// rest of a larger memory is decommitted and faulted in again by the next call that touches
+/// it.
+const KEEP_RESIDENT_WITHOUT_SCAN: usize = 256 << 10;
 
 /// Engine-wide settings, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -56,8 +63,12 @@ impl EngineSettings {
 /// Which instance allocator the engine ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocator {
-    /// Pre-reserved slots with copy-on-write memory images: instantiation in microseconds.
+    /// Pre-reserved slots with copy-on-write memory images: instantiation in microseconds. After
+    /// a call only the pages it dirtied are reset (found with PAGEMAP_SCAN).
     Pooling,
+    /// The same pool on a kernel without PAGEMAP_SCAN (before Linux 6.7): after a call the
+    /// first [`KEEP_RESIDENT_WITHOUT_SCAN`] bytes of its memory are copied back whole.
+    PoolingWithoutScan,
     /// mmap per instance; used where the pool's virtual-memory reservation is refused.
     OnDemand,
 }
@@ -83,6 +94,7 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
     // `Overloaded`, as a module is. Core modules keep their limits (one memory, one table).
     let per = super::component::COUNTS;
     let component_core_instances = u32::try_from(per.instances / 2).unwrap_or(u32::MAX);
+    let scan = PoolingAllocationConfig::is_pagemap_scan_available();
     let mut pool = PoolingAllocationConfig::default();
     pool.total_memories(settings.max_instances)
         .total_tables(settings.max_instances.saturating_mul(4))
@@ -100,23 +112,27 @@ pub fn build_engine(settings: &EngineSettings) -> anyhow::Result<(Engine, Alloca
         // `Runtime::invoke_async`); one stack per instance slot, each reused as it is.
         .total_stacks(settings.max_instances)
         // A fresh instance per call would take a page fault on every page the guest touches,
-        // and an madvise to drop them afterwards; keeping the first pages resident and copying
-        // the image back over them costs less. wasmtime can find the pages a call dirtied with
-        // Linux's PAGEMAP_SCAN and copy only those, but 48.0.8 counts only pages that are
-        // present: a dirty page the kernel has swapped out, or is migrating at that moment
-        // (compaction runs with no swap at all), is neither reset nor decommitted, and the next
-        // call in the slot, perhaps another handler's, reads the previous call's memory or a
-        // table's stale function references. 48.0.11 fixes it, but `wasmtime-wasi` has no
-        // release after 48.0.8 and pins, through `wiggle`, `wasmtime-environ =48.0.8`. So no
-        // scan: every call copies its whole memory back, which is why the repository's Rust
-        // guests are linked with a 64 KiB stack (`.cargo/config.toml`).
-        .pagemap_scan(wasmtime::Enabled::No)
-        .linear_memory_keep_resident(KEEP_RESIDENT)
+        // and an madvise to drop them afterwards; keeping pages resident and copying the image
+        // back over them costs less. With Linux's PAGEMAP_SCAN wasmtime finds the pages a call
+        // dirtied, present or swapped out, and copies only those. (48.0.8 counted only present
+        // ones, so a page the kernel was swapping or migrating escaped the reset and the next
+        // call in the slot read it; hence 48.0.11 and vendor/README.md.)
+        .pagemap_scan(if scan {
+            wasmtime::Enabled::Yes
+        } else {
+            wasmtime::Enabled::No
+        })
+        .linear_memory_keep_resident(if scan {
+            KEEP_RESIDENT
+        } else {
+            KEEP_RESIDENT_WITHOUT_SCAN
+        })
         .table_keep_resident(64 << 10);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&config) {
-        Ok(engine) => Ok((engine, Allocator::Pooling)),
+        Ok(engine) if scan => Ok((engine, Allocator::Pooling)),
+        Ok(engine) => Ok((engine, Allocator::PoolingWithoutScan)),
         Err(err) => {
             tracing::warn!(error = %err, "pooling allocator unavailable, using on-demand allocation");
             let engine = Engine::new(&base_config())
@@ -296,7 +312,9 @@ impl Drop for EpochTicker {
 
 #[cfg(test)]
 mod tests {
-    use super::{Allocator, EngineSettings, KEEP_RESIDENT, build_engine};
+    use super::{
+        Allocator, EngineSettings, KEEP_RESIDENT, KEEP_RESIDENT_WITHOUT_SCAN, build_engine,
+    };
 
     /// Pages a call dirtied must be back to the module's image for the next call in the same
     /// pool slot, wherever they lie and even if the kernel moved them out of memory meanwhile:
@@ -304,7 +322,7 @@ mod tests {
     /// one past the kept-resident part. Each is paged out (`MADV_PAGEOUT`) before its instance
     /// is dropped, which is where wasmtime 48.0.8's PAGEMAP_SCAN reset lost it; only a machine
     /// with swap the process may use can page them out, elsewhere the pages stay and this
-    /// checks the reset as it always runs.
+    /// checks the reset as it always runs (with the scan where the kernel has it).
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn dirty_pages_are_back_to_the_image_for_the_next_call_even_if_paged_out() {
@@ -312,17 +330,22 @@ mod tests {
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).expect("page");
         let zeroes = 3 * page;
         let data = 2 * page;
-        let beyond = KEEP_RESIDENT + 2 * page;
         let settings = EngineSettings {
-            max_memory_bytes: 1 << 20,
+            max_memory_bytes: 4 << 20,
             // One memory slot: the second instance reuses the first one's.
             max_instances: 1,
             max_prepared: 0,
         };
         let (engine, allocator) = build_engine(&settings).expect("engine");
-        assert_eq!(allocator, Allocator::Pooling);
+        let kept = match allocator {
+            Allocator::Pooling => KEEP_RESIDENT,
+            Allocator::PoolingWithoutScan => KEEP_RESIDENT_WITHOUT_SCAN,
+            Allocator::OnDemand => panic!("the pool was refused"),
+        };
+        let beyond = kept + 2 * page;
+        let wasm_pages = beyond / 65536 + 1;
         let wat = format!(
-            r#"(module (memory (export "m") 8)
+            r#"(module (memory (export "m") {wasm_pages})
                  (data (i32.const {data}) "\2a")
                  (func (export "put") (param i32 i32) local.get 0 local.get 1 i32.store)
                  (func (export "get") (param i32) (result i32) local.get 0 i32.load))"#
